@@ -1,0 +1,112 @@
+"""The ``selfnpo`` command. Every option comes from a typed config dataclass and its help text."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+from .errors import SelfNPOError
+
+EXIT_USER_ERROR = 2
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--option`` per dataclass field, with its type, default, choices and help."""
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("help"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata["help"]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=f.default, help=help_)
+            continue
+        kw = {"type": type(f.default), "default": f.default, "help": f"{help_} (default: {f.default!r})"}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kw)
+
+
+def config_from_args(cls: type, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+
+def _cmd_train(ns: argparse.Namespace) -> None:
+    from .training.config import TrainConfig
+    from .training.loop import train
+
+    res = train(config_from_args(TrainConfig, ns), progress=not ns.quiet)
+    print(f"offset written to {res.offset_path} ({res.steps} steps, {res.wall_time_s:.1f} s)")
+
+
+def _cmd_generate(ns: argparse.Namespace) -> None:
+    from .generate import GenerateConfig, generate
+
+    jobs = generate(config_from_args(GenerateConfig, ns), progress=not ns.quiet)
+    print(f"{len(jobs)} images in {ns.output_dir}")
+
+
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
+    "train": ("selfnpo.training.config:TrainConfig", "train a Self-NPO negative offset (or a baseline)", _cmd_train),
+    "generate": ("selfnpo.generate:GenerateConfig", "generate images with NPO guidance", _cmd_generate),
+}
+
+
+def _config_class(spec: str) -> type:
+    import importlib
+
+    mod, name = spec.split(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfnpo",
+        description="Self-NPO: train a negative weight offset for classifier-free guidance, and use it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (spec, help_, _) in COMMANDS.items():
+        cls = _config_class(spec)
+        p = sub.add_parser(name, help=help_, description=(cls.__doc__ or help_).strip().splitlines()[0])
+        add_config_args(p, cls)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.basicConfig(level=logging.WARNING, format="selfnpo: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one line to stderr and return exit code 2."""
+    _quiet_libraries()
+    ns = build_parser().parse_args(argv)
+    try:
+        COMMANDS[ns.command][2](ns)
+    except SelfNPOError as e:
+        print(f"selfnpo {ns.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"selfnpo {ns.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"selfnpo {ns.command}: error: out of memory; lower --batch-size or --resolution", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            print(f"selfnpo {ns.command}: error: disk full while writing {e.filename or ''}".rstrip(), file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Adapter from a diffusers Stable-Diffusion-family pipeline to the denoiser contract.
+
+Every sampler, guidance rule and objective in selfnpo only calls ``model.predict(x_t, t, cond)``
+(raw network output in ``model.prediction_type``) and the schedule helpers here. SD1.5-type
+pipelines (one CLIP text encoder) and SDXL-type pipelines (two text encoders, pooled embeddings,
+size/crop micro-conditioning) differ only in :meth:`DiffusionModel.encode` and
+:meth:`DiffusionModel.uncond`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioning import Cond
+from ..param import to_eps, to_x0
+from ..schedules import alpha_sigma, expand_like
+
+
+class DiffusionModel:
+    """A UNet, its text encoders and its training schedule, behind one small interface."""
+
+    def __init__(self, pipe, uncond_mode: str = "auto") -> None:
+        self.pipe = pipe
+        self.unet: nn.Module = pipe.unet
+        sched = pipe.scheduler.config
+        if getattr(pipe.scheduler, "alphas_cumprod", None) is None:
+            raise ValueError(f"scheduler {type(pipe.scheduler).__name__} has no alphas_cumprod")
+        self.alphas_cumprod: Tensor = pipe.scheduler.alphas_cumprod.double().clone()
+        self.prediction_type: str = sched.get("prediction_type", "epsilon")
+        self.num_train_timesteps: int = int(sched.get("num_train_timesteps", 1000))
+        self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        if uncond_mode == "auto":
+            zeros = self.is_sdxl and pipe.config.get("force_zeros_for_empty_prompt", False)
+            uncond_mode = "zeros" if zeros else "empty"
+        self.uncond_mode = uncond_mode
+        self._cache: dict[str, Cond] = {}
+        self.nfe = 0  # network evaluations (samples x passes), for cost accounting
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipe.unet.config.in_channels)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def default_resolution(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * self.vae_scale
+
+    def latent_shape(self, batch: int, resolution: int | None = None) -> tuple[int, ...]:
+        res = resolution or self.default_resolution()
+        return (batch, self.latent_channels, res // self.vae_scale, res // self.vae_scale)
+
+    # ---- conditioning ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_one(self, prompt: str) -> Cond:
+        pipe, dev = self.pipe, self.device
+        if not self.is_sdxl:
+            emb = pipe.encode_prompt(prompt, dev, 1, False)[0]
+            return Cond(emb.float().cpu())
+        emb, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompt, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        res = self.default_resolution()
+        proj = pipe.text_encoder_2.config.projection_dim
+        time_ids = pipe._get_add_time_ids((res, res), (0, 0), (res, res), emb.dtype, proj)
+        return Cond(emb.float().cpu(), {"text_embeds": pooled.float().cpu(), "time_ids": time_ids.float()})
+
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """Text conditioning for a batch of prompts (cached per prompt, kept on CPU in fp32)."""
+        out = []
+        for p in prompts:
+            if p not in self._cache:
+                self._cache[p] = self._encode_one(p)
+            out.append(self._cache[p])
+        return Cond.cat(out)
+
+    def uncond(self, batch: int) -> Cond:
+        """Unconditional input: empty prompt (SD1.5) or zero embeddings (SDXL default)."""
+        base = self.encode([""])
+        if self.uncond_mode == "zeros":
+            added = {k: (torch.zeros_like(v) if k == "text_embeds" else v) for k, v in base.added.items()}
+            base = Cond(torch.zeros_like(base.embeds), added)
+        return base.expand(batch)
+
+    # ---- the denoiser contract ------------------------------------------------------------
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond, unet: nn.Module | None = None) -> Tensor:
+        """Raw network output (eps or v, per ``prediction_type``) at integer timesteps ``t``."""
+        net = unet if unet is not None else self.unet
+        self.nfe += x_t.shape[0]
+        dtype = next(net.parameters()).dtype
+        c = cond.to(x_t.device, dtype)
+        return net(x_t.to(dtype), t, **c.unet_kwargs(), return_dict=False)[0].to(x_t.dtype)
+
+    def coeffs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``alpha_t, sigma_t`` broadcast against ``like`` and in its dtype."""
+        a, s = alpha_sigma(self.alphas_cumprod, t.to(like.device))
+        return expand_like(a, like).to(like.dtype), expand_like(s, like).to(like.dtype)
+
+    def x0_of(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        a, s = self.coeffs(t, x_t)
+        return to_x0(pred, x_t, a, s, self.prediction_type)
+
+    def eps_of(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        a, s = self.coeffs(t, x_t)
+        return to_eps(pred, x_t, a, s, self.prediction_type)
+
+    # ---- latents <-> images -----------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1], ``[B, 3, H, W]`` -> scaled latents (the UNet's space)."""
+        vae = self.pipe.vae
+        lat = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((lat - shift) * vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1]."""
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        lat = latents / vae.config.scaling_factor + shift
+        return vae.decode(lat.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)

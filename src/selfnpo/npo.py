@@ -1,0 +1,126 @@
+"""NPO guidance for an existing diffusers pipeline, without forking the pipeline.
+
+The conditional branch runs with ``theta + eta`` and the unconditional / negative-prompt branch
+with ``theta + alpha * eta + beta * delta`` (Diffusion-NPO eq. 10). diffusers' SD and SDXL
+pipelines evaluate classifier-free guidance as one UNet call on ``cat([negative, positive])``;
+while attached, :class:`NPOGuidance` splits that call in two and runs each half with its own
+weights. The user's pipeline, schedulers, LoRAs and other components stay as they are.
+
+Example::
+
+    pipe = StableDiffusionPipeline.from_pretrained(...)
+    with NPOGuidance(pipe, negative="runs/selfnpo/offset", beta=1.0):
+        images = pipe(prompts, guidance_scale=7.5).images
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import torch
+from torch import Tensor
+
+from .errors import SelfNPOError
+from .offsets import activate_adapters, adapter_scales, full_delta_call, load_full_delta, offset_kind, resolve_offset_file
+
+ETA, DELTA = "selfnpo_eta", "selfnpo_delta"
+
+
+def _split(obj, n: int, half: int):
+    """The ``half``-th half (0 = negative, 1 = positive) of every batch-``n`` tensor in ``obj``."""
+    if isinstance(obj, Tensor) and obj.ndim > 0 and obj.shape[0] == n:
+        return obj[half * (n // 2) : (half + 1) * (n // 2)]
+    if isinstance(obj, Mapping):
+        return {k: _split(v, n, half) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, Tensor) for v in obj):
+        return type(obj)(_split(v, n, half) for v in obj)
+    return obj
+
+
+class NPOGuidance:
+    """Attach NPO guidance to a diffusers SD/SDXL pipeline (a context manager, or attach/detach).
+
+    Args:
+        pipe: the user's pipeline; its UNet is used in place (no copy).
+        negative: the negative offset delta (a diffusers LoRA file/folder or a selfnpo full delta).
+        positive: an optional positive offset eta (e.g. a Diffusion-DPO LoRA), same formats.
+        alpha: share of eta in the negative branch.
+        beta: scale of delta in the negative branch (0 = plain CFG with theta + alpha*eta).
+    """
+
+    def __init__(self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0) -> None:
+        self.pipe, self.unet = pipe, pipe.unet
+        self.alpha, self.beta = float(alpha), float(beta)
+        self._full: dict[str, dict[str, Tensor]] = {}
+        self._lora: list[str] = []
+        for name, src in ((ETA, positive), (DELTA, negative)):
+            if src is not None:
+                self._load(name, src)
+        if self._lora:
+            activate_adapters(self.unet, self._lora)
+        self._orig = None
+        self._inside = False
+
+    def _load(self, name: str, src) -> None:
+        path = resolve_offset_file(src)
+        if offset_kind(path) == "full":
+            delta = load_full_delta(path, self.unet)
+            dev, dt = self.unet.device, self.unet.dtype
+            self._full[name] = {k: v.to(dev, dt) for k, v in delta.items()}
+            return
+        try:
+            self.pipe.load_lora_weights(str(path), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as e:
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise SelfNPOError(f"{path}: LoRA does not fit this model ({msg})") from None
+        self._lora.append(name)
+
+    # ---- the two branches ----------------------------------------------------------------------
+    def branch_weights(self, negative: bool) -> dict[str, float]:
+        """Offset coefficients of one branch: ``{eta: 1, delta: 0}`` or ``{eta: alpha, delta: beta}``."""
+        return {ETA: self.alpha, DELTA: self.beta} if negative else {ETA: 1.0, DELTA: 0.0}
+
+    def _call(self, weights: dict[str, float], args, kwargs):
+        lora = {k: v for k, v in weights.items() if k in self._lora}
+        full = [(self._full[k], c) for k, c in weights.items() if k in self._full]
+        with adapter_scales(self.unet, lora):
+            self._inside = True
+            try:
+                return full_delta_call(self.unet, full, *args, **kwargs)
+            finally:
+                self._inside = False
+
+    def _forward(self, sample: Tensor, timestep, *args, **kwargs):
+        if self._inside:
+            return self._orig(sample, timestep, *args, **kwargs)
+        pos_w, neg_w = self.branch_weights(False), self.branch_weights(True)
+        n = sample.shape[0]
+        cfg_on = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
+        if not cfg_on or pos_w == neg_w:
+            return self._call(pos_w, (sample, timestep, *args), kwargs)
+        outs = []
+        for half, w in ((0, neg_w), (1, pos_w)):
+            a = [_split(x, n, half) for x in (sample, timestep, *args)]
+            kw = {k: _split(v, n, half) for k, v in kwargs.items()}
+            outs.append(self._call(w, a, kw))
+        if kwargs.get("return_dict", True) is False:
+            return (torch.cat([outs[0][0], outs[1][0]]),)
+        return type(outs[0])(sample=torch.cat([outs[0].sample, outs[1].sample]))
+
+    # ---- attach / detach -------------------------------------------------------------------------
+    def attach(self) -> NPOGuidance:
+        if self._orig is None:
+            self._orig = self.unet.forward
+            self.unet.forward = self._forward
+        return self
+
+    def detach(self) -> None:
+        if self._orig is not None:
+            self.unet.forward = self._orig
+            self._orig = None
+
+    def __enter__(self) -> NPOGuidance:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+

@@ -1,0 +1,106 @@
+"""The objective registry and what every objective receives.
+
+An objective is a short callable ``(ctx, batch) -> per-sample loss [B]``; the one training loop
+(:mod:`selfnpo.training.loop`) does reduction, backward, EMA, logging and checkpoints for all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..conditioning import Cond
+from ..guidance import BoundDenoiser, cfg
+from ..models.sd import DiffusionModel
+
+Predict = Callable[[Tensor, Tensor, Cond], Tensor]
+
+
+@dataclass
+class Batch:
+    """Prompts, their conditioning on the training device, and clean latents when the source has them."""
+
+    prompts: list[str]
+    cond: Cond
+    x0: Tensor | None = None
+
+
+@dataclass
+class StepContext:
+    """What an objective may use: the model, the student (with grad) and the teacher (no grad)."""
+
+    model: DiffusionModel
+    student: Predict
+    teacher: Predict
+    config: object
+    generator: torch.Generator
+
+    def randn(self, shape: tuple[int, ...]) -> Tensor:
+        g = self.generator
+        return torch.randn(shape, generator=g, device=g.device)
+
+    def rand(self, n: int) -> Tensor:
+        g = self.generator
+        return torch.rand((n,), generator=g, device=g.device, dtype=torch.float64)
+
+    def guided_teacher(self, cond: Cond, w: float) -> BoundDenoiser:
+        """Teacher under paper guidance weight ``w`` (``w = -1``: unconditional only)."""
+        unc = self.model.uncond(len(cond))
+
+        def pos(x: Tensor, t: Tensor) -> Tensor:
+            return self.teacher(x, t, cond)
+
+        def neg(x: Tensor, t: Tensor) -> Tensor:
+            return self.teacher(x, t, unc)
+
+        always = bool(getattr(self.config, "authors_cond_pass", False))
+        return cfg(pos, neg, w + 1.0, always_both=always)
+
+
+Objective = Callable[[StepContext, Batch], Tensor]
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(name: str) -> Callable[[Objective], Objective]:
+    def deco(fn: Objective) -> Objective:
+        OBJECTIVES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_objective(name: str) -> Objective:
+    from . import diffusion, full_sim, tdft  # noqa: F401  (registration side effects)
+
+    if name not in OBJECTIVES:
+        raise KeyError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name]
+
+
+def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
+    """Per-sample mean of ``sqrt((pred - target)^2 + c^2) - c``."""
+    d = (pred.float() - target.float()) ** 2
+    return ((d + c * c).sqrt() - c).flatten(1).mean(1)
+
+
+def mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-sample mean squared error."""
+    return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+
+
+def regression_loss(pred: Tensor, target: Tensor, kind: str, c: float) -> Tensor:
+    if kind == "pseudo_huber":
+        return pseudo_huber(pred, target, c)
+    if kind == "l2":
+        return mse(pred, target)
+    raise ValueError(f"unknown loss {kind!r}; use pseudo_huber or l2")
+
+
+def uniform_int(ctx: StepContext, low: Tensor, high: int) -> Tensor:
+    """Integers uniform on ``[low, high]`` per sample (``low`` a ``[B]`` tensor)."""
+    u = ctx.rand(low.shape[0]).to(low.device)
+    span = (high - low + 1).double()
+    return (low + (u * span).floor().long()).clamp(max=high)

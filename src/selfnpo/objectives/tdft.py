@@ -1,0 +1,50 @@
+"""Truncated diffusion fine-tuning (Self-NPO eqs. 13-17)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..param import renoise
+from ..sampling import ddim_rollout
+from ..schedules import ddim_grid, grid_stride
+from .base import Batch, StepContext, regression_loss, register, uniform_int
+
+
+def start_state(ctx: StepContext, batch: Batch, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """``(x_{t'}, t')``: data noised to a grid level (eq. 14), or pure noise at ``T`` (eq. 13)."""
+    cfg, m = ctx.config, ctx.model
+    dev = ctx.generator.device
+    if batch.x0 is None:
+        t_top = torch.full((shape[0],), m.num_train_timesteps - 1, device=dev, dtype=torch.long)
+        return ctx.randn(shape), t_top
+    grid = ddim_grid(cfg.grid_steps, m.num_train_timesteps).to(dev)
+    idx = (ctx.rand(shape[0]).to(dev) * len(grid)).floor().long().clamp(max=len(grid) - 1)
+    t_prime = grid[idx]
+    a, s = m.coeffs(t_prime, batch.x0)
+    return a * batch.x0 + s * ctx.randn(shape), t_prime
+
+
+@register("tdft")
+def tdft(ctx: StepContext, batch: Batch) -> Tensor:
+    """Self-NPO TDFT loss per sample.
+
+    1. ``x_{t'}`` from :func:`start_state`; 2. ``K`` teacher DDIM steps with guidance ``w`` to
+    ``x_t``; 3. target ``x_{t->0}`` by Tweedie (eq. 12); 4. ``s`` uniform on ``(t, T-1]`` and
+    ``x_s`` by re-noising the state (eq. 16); 5. regress the student's x0 at ``(x_s, s, c)`` on
+    the target (eq. 17), pseudo-Huber or L2.
+    """
+    cfg, m = ctx.config, ctx.model
+    shape = m.latent_shape(len(batch.prompts), cfg.resolution)
+    x_tp, t_prime = start_state(ctx, batch, shape)
+    f = ctx.guided_teacher(batch.cond, cfg.rollout_guidance)
+    stride = grid_stride(cfg.grid_steps, m.num_train_timesteps)
+    x_t, t = ddim_rollout(m, f, x_tp, t_prime, cfg.k_steps, stride)
+    with torch.no_grad():
+        target = m.x0_of(f(x_t, t), x_t, t)
+    s = uniform_int(ctx, t + 1, m.num_train_timesteps - 1)
+    a_t, sig_t = m.coeffs(t, x_t)
+    a_s, sig_s = m.coeffs(s, x_t)
+    x_s = renoise(x_t, a_t, sig_t, a_s, sig_s, ctx.randn(shape))
+    x0_pred = m.x0_of(ctx.student(x_s, s, batch.cond), x_s, s)
+    return regression_loss(x0_pred, target, cfg.loss, cfg.huber_c)

@@ -1,0 +1,151 @@
+"""Weight offsets: ``theta + alpha * eta + beta * delta`` (Diffusion-NPO eq. 10 / Self-NPO eq. 7).
+
+LoRA offsets live as named peft adapters inside the one network; their contribution is set by
+scaling each adapter (:func:`adapter_scales`), so no second copy of the network is needed.
+Full-weight offsets are tensors added on the fly through ``torch.func.functional_call``
+(:func:`full_delta_call`), which leaves the module's own parameters untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import SelfNPOError
+from .io import atomic_dir, atomic_path
+
+FULL_DELTA_FORMAT = "selfnpo.full_delta.v1"
+
+
+def lora_layers(module: nn.Module, adapter: str) -> list[nn.Module]:
+    """Every peft LoRA layer of ``module`` that holds ``adapter``."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in module.modules() if isinstance(m, LoraLayer) and adapter in m.scaling]
+
+
+def activate_adapters(module: nn.Module, names: list[str]) -> None:
+    """Make ``names`` active in every LoRA layer, keeping adapters that are already active.
+
+    Scales are left as they are; callers set them per forward with :func:`adapter_scales`.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for m in module.modules():
+        if isinstance(m, LoraLayer):
+            present = [n for n in names if n in m.scaling]
+            if present:
+                keep = [a for a in m.active_adapters if a not in present]
+                grads = {n: p.requires_grad for n, p in m.named_parameters()}
+                m.set_adapter(keep + present)
+                for n, p in m.named_parameters():  # set_adapter flips requires_grad; undo that
+                    p.requires_grad_(grads.get(n, False))
+
+
+@contextlib.contextmanager
+def adapter_scales(module: nn.Module, scales: Mapping[str, float]) -> Iterator[None]:
+    """Temporarily multiply named LoRA adapters' scalings by ``scales``; restores them exactly.
+
+    Scale 0 gives the network without that adapter, bit for bit (its output is added times 0).
+    """
+    saved: list[tuple[dict, str, float]] = []
+    for name, s in scales.items():
+        for layer in lora_layers(module, name):
+            saved.append((layer.scaling, name, layer.scaling[name]))
+            layer.scaling[name] = layer.scaling[name] * s
+    try:
+        yield
+    finally:
+        for table, name, value in reversed(saved):
+            table[name] = value
+
+
+def full_delta_call(module: nn.Module, deltas: list[tuple[Mapping[str, Tensor], float]], *args, **kw):
+    """Call ``module`` with parameters ``theta + sum_i c_i * delta_i`` (nothing is modified)."""
+    params = dict(module.named_parameters())
+    merged: dict[str, Tensor] = {}
+    for delta, c in deltas:
+        if c == 0:
+            continue
+        for k, d in delta.items():
+            base = merged.get(k, params[k])
+            merged[k] = base + c * d.to(base.device, base.dtype)
+    if not merged:
+        return module(*args, **kw)
+    return torch.func.functional_call(module, merged, args, kw, strict=False)
+
+
+# ---- files ----------------------------------------------------------------------------------
+def save_full_delta(path: str | Path, delta: Mapping[str, Tensor], meta: Mapping[str, str]) -> None:
+    """Write a full-weight offset (parameter name -> tensor) as safetensors, atomically."""
+    md = {"format": FULL_DELTA_FORMAT, **{k: str(v) for k, v in meta.items()}}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in delta.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=md)
+
+
+def offset_kind(path: str | Path) -> str:
+    """``"lora"`` or ``"full"`` for an offset file (or a folder holding one)."""
+    p = resolve_offset_file(path)
+    try:
+        with safe_open(str(p), "pt") as f:
+            md = f.metadata() or {}
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
+        raise SelfNPOError(f"{p}: not a readable safetensors file ({type(e).__name__})") from None
+    if md.get("format") == FULL_DELTA_FORMAT:
+        return "full"
+    if any("lora" in k for k in keys):
+        return "lora"
+    raise SelfNPOError(f"{p}: neither a diffusers LoRA nor a selfnpo full-weight offset")
+
+
+def resolve_offset_file(path: str | Path) -> Path:
+    """A file path, or the one offset file inside a folder written by ``selfnpo train``."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("pytorch_lora_weights.safetensors", "full_delta.safetensors"):
+            if (p / name).is_file():
+                return p / name
+        raise SelfNPOError(f"{p}: folder holds no pytorch_lora_weights.safetensors or full_delta.safetensors")
+    if not p.is_file():
+        raise SelfNPOError(f"{p}: offset file not found")
+    if p.suffix != ".safetensors":
+        raise SelfNPOError(f"{p}: offsets must be .safetensors files (pickle files are never loaded)")
+    return p
+
+
+def load_full_delta(path: str | Path, unet: nn.Module) -> dict[str, Tensor]:
+    """Read a full-weight offset and check it against ``unet``'s parameter names and shapes."""
+    p = resolve_offset_file(path)
+    delta = load_file(str(p))
+    params = dict(unet.named_parameters())
+    for k, v in delta.items():
+        if k not in params:
+            raise SelfNPOError(f"{p}: offset holds {k!r}, which this model does not have (wrong model?)")
+        if tuple(v.shape) != tuple(params[k].shape):
+            raise SelfNPOError(
+                f"{p}: offset {k!r} has shape {tuple(v.shape)}, model has {tuple(params[k].shape)}"
+            )
+    return delta
+
+
+def save_lora(pipe, unet: nn.Module, adapter: str, out_dir: str | Path, meta: Mapping[str, object]) -> Path:
+    """Save one peft adapter of ``unet`` as a diffusers LoRA folder (``load_lora_weights`` reads it)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
+    config = unet.peft_config[adapter].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    with atomic_dir(out_dir) as tmp:
+        type(pipe).save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=config)
+        (Path(tmp) / "selfnpo_offset.json").write_text(json.dumps(dict(meta), indent=2, default=str))
+    return Path(out_dir) / "pytorch_lora_weights.safetensors"

@@ -1,0 +1,107 @@
+"""Parameterisation conversions between eps / v / x0 / flow velocity / score (pure functions).
+
+All functions take per-sample coefficients already broadcastable against ``x_t`` (see
+:func:`selfnpo.schedules.expand_like`). ``alpha**2 + sigma**2 = 1`` is assumed only where noted.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def eps_to_x0(x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Tweedie x0 from an eps prediction: ``x0 = (x_t - sigma * eps) / alpha`` (Self-NPO eq. 2/12)."""
+    return (x_t - sigma * eps) / alpha
+
+
+def x0_to_eps(x_t: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """``eps = (x_t - alpha * x0) / sigma``."""
+    return (x_t - alpha * x0) / sigma
+
+
+def v_to_x0(x_t: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """``x0 = alpha * x_t - sigma * v`` for ``v = alpha * eps - sigma * x0`` (VP schedules)."""
+    return alpha * x_t - sigma * v
+
+
+def v_to_eps(x_t: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """``eps = sigma * x_t + alpha * v`` (VP schedules)."""
+    return sigma * x_t + alpha * v
+
+
+def x0_eps_to_v(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """``v = alpha * eps - sigma * x0``."""
+    return alpha * eps - sigma * x0
+
+
+def flow_to_x0(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
+    """Rectified flow ``x_t = (1 - t) x0 + t eps``, ``velocity = eps - x0``: ``x0 = x_t - t * v``."""
+    return x_t - t * velocity
+
+
+def flow_to_eps(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
+    """Rectified flow: ``eps = x_t + (1 - t) * v``."""
+    return x_t + (1.0 - t) * velocity
+
+
+def eps_to_score(eps: Tensor, sigma: Tensor) -> Tensor:
+    """``grad log p(x_t) = -eps / sigma``."""
+    return -eps / sigma
+
+
+def score_to_x0(x_t: Tensor, score: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Tweedie's formula ``x0 = (x_t + sigma**2 * score) / alpha`` (Self-NPO eq. 2)."""
+    return (x_t + sigma**2 * score) / alpha
+
+
+def to_x0(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """Network output of a diffusers ``prediction_type`` -> x0 estimate."""
+    if prediction_type == "epsilon":
+        return eps_to_x0(x_t, pred, alpha, sigma)
+    if prediction_type == "v_prediction":
+        return v_to_x0(x_t, pred, alpha, sigma)
+    if prediction_type == "sample":
+        return pred
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
+def to_eps(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """Network output of a diffusers ``prediction_type`` -> eps estimate."""
+    if prediction_type == "epsilon":
+        return pred
+    if prediction_type == "v_prediction":
+        return v_to_eps(x_t, pred, alpha, sigma)
+    if prediction_type == "sample":
+        return x0_to_eps(x_t, pred, alpha, sigma)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
+def target_for(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """Regression target of standard diffusion training in the network's own space."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return x0_eps_to_v(x0, eps, alpha, sigma)
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
+def ddim_step(x0: Tensor, eps: Tensor, alpha_next: Tensor, sigma_next: Tensor) -> Tensor:
+    """Deterministic DDIM update to the next level: ``x_next = alpha' * x0 + sigma' * eps``."""
+    return alpha_next * x0 + sigma_next * eps
+
+
+def renoise(
+    x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor, noise: Tensor
+) -> Tensor:
+    """Re-noise the *state* from level t to a noisier level s (Self-NPO eq. 16).
+
+    ``x_s = (alpha_s / alpha_t) x_t + sqrt(sigma_s^2 - sigma_t^2 alpha_s^2 / alpha_t^2) eps``.
+    Requires ``nsr_s >= nsr_t``; the variance is clamped at 0 against rounding.
+    """
+    ratio = alpha_s / alpha_t
+    var = (sigma_s**2 - (sigma_t * ratio) ** 2).clamp_min(0.0)
+    return ratio * x_t + var.sqrt() * noise

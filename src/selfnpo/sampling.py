@@ -1,0 +1,49 @@
+"""DDIM-type rollouts used by training objectives (user-facing generation reuses diffusers).
+
+Timesteps are per sample (``t`` has shape ``[B]``) so that one batch can hold states at
+different noise levels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .guidance import BoundDenoiser
+from .models.sd import DiffusionModel
+from .param import ddim_step
+
+
+@torch.no_grad()
+def ddim_rollout(
+    model: DiffusionModel, f: BoundDenoiser, x: Tensor, t: Tensor, steps: int, stride: int
+) -> tuple[Tensor, Tensor]:
+    """``steps`` deterministic DDIM steps of ``stride`` timesteps from ``(x, t)``, clamped at 0.
+
+    Returns ``(x_t_end, t_end)``. A sample already at 0 stays where it is.
+    """
+    for _ in range(steps):
+        t_next = (t - stride).clamp_min(0)
+        pred = f(x, t)
+        x0, eps = model.x0_of(pred, x, t), model.eps_of(pred, x, t)
+        a, s = model.coeffs(t_next, x)
+        x = torch.where((t_next < t).reshape(-1, *([1] * (x.ndim - 1))), ddim_step(x0, eps, a, s), x)
+        t = t_next
+    return x, t
+
+
+@torch.no_grad()
+def ddim_sample(model: DiffusionModel, f: BoundDenoiser, noise: Tensor, grid: Tensor) -> Tensor:
+    """Full deterministic DDIM from ``grid[-1]`` down the ascending ``grid`` to an x0 estimate."""
+    x = noise
+    ts = grid.flip(0).tolist()
+    for i, t_cur in enumerate(ts):
+        t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.long)
+        pred = f(x, t)
+        x0 = model.x0_of(pred, x, t)
+        if i + 1 == len(ts):
+            return x0
+        eps = model.eps_of(pred, x, t)
+        a, s = model.coeffs(torch.full_like(t, ts[i + 1]), x)
+        x = ddim_step(x0, eps, a, s)
+    return x

@@ -1,0 +1,207 @@
+"""The one training loop: every objective, every source, LoRA or full weights, one process or many.
+
+State that survives a kill: ``config.json``, ``pool.safetensors`` (the self-generated or encoded
+data), ``checkpoints/step-*`` (trainable weights, teacher, optimizer, RNG) and ``log.jsonl``.
+Re-running the same command with ``--resume`` continues from the newest whole checkpoint and,
+on CPU with the same seed, ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SelfNPOError
+from ..io import atomic_dir, atomic_write_text, read_prompts
+from ..models.loading import load_pipeline, resolve_model_class
+from ..models.sd import DiffusionModel
+from ..objectives.base import Batch, StepContext, get_objective
+from .checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from .config import TrainConfig
+from .data import LatentPool, PromptSource, Source, encode_image_folder, generate_pool
+from .offset import TrainableOffset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    offset_path: Path
+    steps: int
+    wall_time_s: float
+    network_evals: int
+    final_loss: float
+
+
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
+    """Create the run folder, or return it for resumption; never silently replace anything."""
+    run = Path(cfg.output_dir)
+    cfg_file = run / "config.json"
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        if cfg.resume and cfg_file.is_file():
+            _check_same_run(cfg, json.loads(cfg_file.read_text()))
+            return run, True
+        if cfg.overwrite:
+            if not cfg_file.is_file():
+                raise SelfNPOError(f"{run}: exists and is not a selfnpo run folder; refusing to overwrite it")
+            shutil.rmtree(run)
+        else:
+            raise SelfNPOError(f"{run}: run folder exists; pass --resume to continue it or --overwrite to replace it")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg_file, json.dumps(cfg.to_dict(), indent=2))
+    except OSError as e:
+        raise SelfNPOError(f"{run}: cannot write the run folder ({e.strerror})") from None
+    return run, False
+
+
+def _check_same_run(cfg: TrainConfig, saved: dict) -> None:
+    for k, v in cfg.to_dict().items():
+        if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != v:
+            raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r} in this run, now {v!r}")
+
+
+def make_source(cfg: TrainConfig, model: DiffusionModel, offset: TrainableOffset, prompts, run: Path, progress: bool) -> Source:
+    if cfg.source == "noise":
+        return PromptSource(prompts)
+    pool_file = run / "pool.safetensors"
+    if pool_file.is_file():
+        try:
+            return LatentPool.load(pool_file)
+        except Exception as e:  # noqa: BLE001
+            log.warning("pool file %s is damaged (%s); rebuilding it", pool_file, type(e).__name__)
+    if cfg.source == "self":
+        pool = generate_pool(model, offset.teacher, prompts, cfg, progress)
+    else:
+        pool = encode_image_folder(model, cfg.image_dir, cfg.resolution or model.default_resolution())
+    pool.save(pool_file)
+    return pool
+
+
+def _log_line(run: Path, rec: dict) -> None:
+    with open(run / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _trim_log(run: Path, step: int) -> None:
+    p = run / "log.jsonl"
+    if not p.is_file():
+        return
+    keep = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+    atomic_write_text(p, "".join(x + "\n" for x in keep))
+
+
+def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None, pipe=None) -> RunResult:
+    """Run (or resume) one training job described by ``cfg``; returns where the offset was written."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    prompts = read_prompts(cfg.prompts) if (source is None and cfg.source != "images") else []
+    if pipe is None:
+        resolve_model_class(cfg.model)
+    run, resuming = prepare_run_dir(cfg)
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
+    model = DiffusionModel(pipe)
+    torch.manual_seed(cfg.seed)  # LoRA initialisation
+    offset = TrainableOffset(model, cfg)
+    opt = torch.optim.AdamW(offset.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.unet, opt = acc.prepare(model.unet, opt)
+    gen = torch.Generator(acc.device).manual_seed(cfg.seed + acc.process_index)
+    src = source or make_source(cfg, model, offset, prompts, run, progress and acc.is_main_process)
+    step = 0
+    state = load_latest(run) if resuming else None
+    if state is not None:
+        tensors, meta = state
+        offset.load_state_tensors(tensors)
+        optimizer_from_flat(opt, tensors, meta["optimizer"])
+        gen.set_state(tensors["rng"].to(torch.uint8))
+        step = int(meta["step"])
+        _trim_log(run, step)
+    objective = get_objective(cfg.objective)
+    ctx = StepContext(model, offset.student, offset.teacher, cfg, gen)
+    t0, loss_val, nfe0 = time.perf_counter(), float("nan"), model.nfe
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.objective, disable=not (progress and acc.is_main_process))
+    while step < cfg.steps:
+        loss_val = _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_val:.4g}")
+        if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
+            _log_line(run, {"step": step, "loss": loss_val, "lr": cfg.lr, "time_s": time.perf_counter() - t0})
+        if acc.is_main_process and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            _checkpoint(run, step, offset, opt, gen, cfg)
+    bar.close()
+    wall = time.perf_counter() - t0
+    meta = {"objective": cfg.objective, "base_model": cfg.model, "steps": step, "train": cfg.train}
+    out = offset.save(run / "offset", meta) if acc.is_main_process else run / "offset"
+    if cfg.save_model and acc.is_main_process:
+        _save_model(model, offset, run / "model")
+    return RunResult(run, out, step, wall, model.nfe - nfe0, loss_val)
+
+
+def _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run) -> float:
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        prompts, x0 = src.sample(gen, cfg.batch_size)
+        if cfg.caption_dropout > 0:
+            drop = torch.rand(len(prompts), generator=gen, device=gen.device).tolist()
+            prompts = ["" if u < cfg.caption_dropout else p for p, u in zip(prompts, drop, strict=True)]
+        batch = Batch(prompts, model.encode(prompts).to(acc.device), x0)
+        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(model.unet)
+        with sync, acc.autocast():
+            loss = objective(ctx, batch).mean() / cfg.grad_accum
+            if not torch.isfinite(loss):
+                return _nonfinite(cfg, opt, step, run, "loss")
+            acc.backward(loss)
+        total += loss.item()
+    if cfg.max_grad_norm > 0:
+        norm = acc.clip_grad_norm_(offset.params, cfg.max_grad_norm)
+        if not torch.isfinite(torch.as_tensor(norm)):
+            return _nonfinite(cfg, opt, step, run, "gradient")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    offset.update_teacher()
+    return total
+
+
+def _nonfinite(cfg, opt, step: int, run: Path, what: str) -> float:
+    opt.zero_grad(set_to_none=True)
+    if cfg.nonfinite == "skip":
+        log.warning("non-finite %s at step %d; step skipped", what, step + 1)
+        return float("nan")
+    from .checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(run)
+    last = ckpts[-1] if ckpts else "none"
+    raise SelfNPOError(f"non-finite {what} at step {step + 1}; training stopped, last good checkpoint: {last}")
+
+
+def _checkpoint(run: Path, step: int, offset: TrainableOffset, opt, gen, cfg: TrainConfig) -> None:
+    tensors = dict(offset.state_tensors())
+    opt_t, opt_js = optimizer_to_flat(opt)
+    tensors.update(opt_t)
+    tensors["rng"] = gen.get_state().cpu()
+    save_checkpoint(run, step, tensors, {"optimizer": opt_js}, cfg.keep_checkpoints)
+
+
+def _save_model(model: DiffusionModel, offset: TrainableOffset, out: Path) -> None:
+    if offset.mode != "full":
+        raise SelfNPOError("--save-model needs --train full")
+    with atomic_dir(out) as tmp:
+        model.pipe.save_pretrained(tmp)

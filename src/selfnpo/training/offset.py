@@ -1,0 +1,116 @@
+"""The trained offset (student) and its teacher, as LoRA adapters or full weights.
+
+LoRA: the student and the EMA teacher are two adapters of the same UNet, so no second copy of
+the network exists; the teacher pass sets the student's scale to 0 and the student pass sets the
+teacher's to 0. The EMA is taken over the LoRA factors. ``teacher = frozen`` is the EMA with
+decay 1 (the teacher adapter stays at its initial value, which is the base model since LoRA's
+B starts at zero). Full weights: the teacher is a separate copy (the authors' set-up) and the
+offset is ``student - base``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioning import Cond
+from ..models.sd import DiffusionModel
+from ..offsets import activate_adapters, adapter_scales, save_full_delta, save_lora
+
+STUDENT, TEACHER = "selfnpo_student", "selfnpo_teacher"
+
+
+class TrainableOffset:
+    """Owns which parameters train, how the student and teacher predict, and how the offset is saved."""
+
+    def __init__(self, model: DiffusionModel, cfg) -> None:
+        self.model, self.cfg = model, cfg
+        self.mode = cfg.train
+        self.decay = 1.0 if cfg.teacher == "frozen" else cfg.ema_decay
+        unet = model.unet
+        unet.requires_grad_(False)
+        if self.mode == "lora":
+            self._setup_lora(unet)
+        else:
+            self.base = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+            self.teacher_net = copy.deepcopy(unet).requires_grad_(False).eval()
+            unet.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self._pairs = self._ema_pairs()
+
+    def _setup_lora(self, unet: nn.Module) -> None:
+        from peft import LoraConfig
+
+        targets = [t.strip() for t in self.cfg.lora_targets.split(",") if t.strip()]
+        alpha = self.cfg.lora_alpha or float(self.cfg.lora_rank)
+        lc = LoraConfig(r=self.cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+        unet.add_adapter(lc, adapter_name=STUDENT)
+        unet.add_adapter(copy.deepcopy(lc), adapter_name=TEACHER)
+        activate_adapters(unet, [STUDENT, TEACHER])
+        for n, p in unet.named_parameters():
+            p.requires_grad_(f".{STUDENT}." in n)
+        named = dict(unet.named_parameters())
+        with torch.no_grad():
+            for n, p in named.items():
+                if f".{STUDENT}." in n:
+                    named[n.replace(f".{STUDENT}.", f".{TEACHER}.")].copy_(p)
+
+    def _ema_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        unet = self.model.unet
+        if self.mode == "lora":
+            named = dict(unet.named_parameters())
+            return [(named[n.replace(f".{STUDENT}.", f".{TEACHER}.")], p) for n, p in named.items() if f".{STUDENT}." in n]
+        return list(zip(self.teacher_net.parameters(), unet.parameters(), strict=True))
+
+    # ---- predictions -------------------------------------------------------------------------
+    def student(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        if self.mode == "lora":
+            with adapter_scales(self.model.unet, {TEACHER: 0.0}):
+                return self.model.predict(x, t, cond)
+        return self.model.predict(x, t, cond)
+
+    @torch.no_grad()
+    def teacher(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        if self.mode == "lora":
+            with adapter_scales(self.model.unet, {STUDENT: 0.0}):
+                return self.model.predict(x, t, cond)
+        return self.model.predict(x, t, cond, unet=self.teacher_net)
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """``teacher <- decay * teacher + (1 - decay) * student``."""
+        if self.decay >= 1.0:
+            return
+        for tp, sp in self._pairs:
+            tp.lerp_(sp.detach().to(tp.dtype), 1.0 - self.decay)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {f"student.{i}": p for i, p in enumerate(self.params)}
+        if self.decay < 1.0:
+            out.update({f"teacher.{i}": tp for i, (tp, _) in enumerate(self._pairs)})
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        for i, p in enumerate(self.params):
+            p.copy_(tensors[f"student.{i}"])
+        if self.decay < 1.0:
+            for i, (tp, _) in enumerate(self._pairs):
+                tp.copy_(tensors[f"teacher.{i}"])
+
+    def save(self, out_dir: Path, meta: dict) -> Path:
+        """Write the negative offset: a diffusers LoRA folder, or ``full_delta.safetensors``."""
+        unet = self.model.unet
+        if self.mode == "lora":
+            return save_lora(self.model.pipe, unet, STUDENT, out_dir, meta)
+        cur = unet.state_dict()
+        delta = {k: (cur[k].detach().cpu().float() - self.base[k].float()) for k in self.base if cur[k].is_floating_point()}
+        path = Path(out_dir) / "full_delta.safetensors"
+        save_full_delta(path, delta, meta)
+        return path

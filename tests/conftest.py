@@ -1,0 +1,57 @@
+"""Tiny random-weight SD1.5-type and SDXL-type pipelines, built offline once per test session."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet():
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from selfnpo.models.tiny import build_tiny_pipeline, write_tiny_vocab
+
+    root = tmp_path_factory.mktemp("models")
+    tok = write_tiny_vocab(root / "tokenizer")
+    for kind in ("sd", "sdxl"):
+        build_tiny_pipeline(kind, tok).save_pretrained(root / kind)
+    build_tiny_pipeline("sd", tok, prediction_type="v_prediction", seed=5).save_pretrained(root / "sd_v")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_dir):
+    return str(tiny_dir / "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_dir):
+    return str(tiny_dir / "sdxl")
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("a red circle\na blue square at the top\ngreen star\nyellow ring, dots\n")
+    return str(p)
