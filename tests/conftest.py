@@ -55,3 +55,31 @@ def prompts_file(tmp_path):
     p = tmp_path / "prompts.txt"
     p.write_text("a red circle\na blue square at the top\ngreen star\nyellow ring, dots\n")
     return str(p)
+
+
+def train_tiny(model: str, out, prompts: str, **kw):
+    from selfnpo.training.config import TrainConfig
+    from selfnpo.training.loop import train
+
+    base = dict(model=model, prompts=prompts, output_dir=str(out), steps=2, batch_size=2, pool_size=2,
+                checkpoint_every=0, lr=5e-2, log_every=1)
+    base.update(kw)
+    return train(TrainConfig(**base), progress=False)
+
+
+@pytest.fixture(scope="session")
+def session_prompts(tmp_path_factory):
+    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    p.write_text("a red circle\na blue square at the top\ngreen star\nyellow ring, dots\n")
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def sd_lora(tiny_sd, session_prompts, tmp_path_factory):
+    """A trained (non-zero) negative LoRA offset for the tiny SD model."""
+    return train_tiny(tiny_sd, tmp_path_factory.mktemp("run") / "sd", session_prompts).offset_path
+
+
+@pytest.fixture(scope="session")
+def sdxl_lora(tiny_sdxl, session_prompts, tmp_path_factory):
+    return train_tiny(tiny_sdxl, tmp_path_factory.mktemp("run") / "sdxl", session_prompts).offset_path

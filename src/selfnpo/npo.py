@@ -20,7 +20,15 @@ import torch
 from torch import Tensor
 
 from .errors import SelfNPOError
-from .offsets import activate_adapters, adapter_scales, full_delta_call, load_full_delta, offset_kind, resolve_offset_file
+from .offsets import (
+    activate_adapters,
+    adapter_scales,
+    deactivate_adapters,
+    full_delta_call,
+    load_full_delta,
+    offset_kind,
+    resolve_offset_file,
+)
 
 ETA, DELTA = "selfnpo_eta", "selfnpo_delta"
 
@@ -47,7 +55,9 @@ class NPOGuidance:
         beta: scale of delta in the negative branch (0 = plain CFG with theta + alpha*eta).
     """
 
-    def __init__(self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0) -> None:
+    def __init__(
+        self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0
+    ) -> None:
         self.pipe, self.unet = pipe, pipe.unet
         self.alpha, self.beta = float(alpha), float(beta)
         self._full: dict[str, dict[str, Tensor]] = {}
@@ -55,8 +65,6 @@ class NPOGuidance:
         for name, src in ((ETA, positive), (DELTA, negative)):
             if src is not None:
                 self._load(name, src)
-        if self._lora:
-            activate_adapters(self.unet, self._lora)
         self._orig = None
         self._inside = False
 
@@ -67,17 +75,28 @@ class NPOGuidance:
             dev, dt = self.unet.device, self.unet.dtype
             self._full[name] = {k: v.to(dev, dt) for k, v in delta.items()}
             return
+        loaded = self.pipe.__dict__.setdefault("_selfnpo_loaded", {})
+        if loaded.get(name) == str(path.resolve()):  # already in this pipeline: reuse it
+            self._lora.append(name)
+            return
+        if name in loaded:
+            self.pipe.delete_adapters(name)
+            del loaded[name]
         try:
             self.pipe.load_lora_weights(str(path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError) as e:
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise SelfNPOError(f"{path}: LoRA does not fit this model ({msg})") from None
+        loaded[name] = str(path.resolve())
         self._lora.append(name)
+        deactivate_adapters(self.unet, [name])  # active only while attached
 
     # ---- the two branches ----------------------------------------------------------------------
     def branch_weights(self, negative: bool) -> dict[str, float]:
-        """Offset coefficients of one branch: ``{eta: 1, delta: 0}`` or ``{eta: alpha, delta: beta}``."""
-        return {ETA: self.alpha, DELTA: self.beta} if negative else {ETA: 1.0, DELTA: 0.0}
+        """Coefficients of the loaded offsets in one branch: eta 1 and delta 0 in the positive
+        branch, eta ``alpha`` and delta ``beta`` in the negative one."""
+        w = {ETA: self.alpha, DELTA: self.beta} if negative else {ETA: 1.0, DELTA: 0.0}
+        return {k: v for k, v in w.items() if k in self._lora or k in self._full}
 
     def _call(self, weights: dict[str, float], args, kwargs):
         lora = {k: v for k, v in weights.items() if k in self._lora}
@@ -95,7 +114,7 @@ class NPOGuidance:
         pos_w, neg_w = self.branch_weights(False), self.branch_weights(True)
         n = sample.shape[0]
         cfg_on = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
-        if not cfg_on or pos_w == neg_w:
+        if not cfg_on or pos_w == neg_w:  # identical branches: one batched call, as diffusers does
             return self._call(pos_w, (sample, timestep, *args), kwargs)
         outs = []
         for half, w in ((0, neg_w), (1, pos_w)):
@@ -109,18 +128,20 @@ class NPOGuidance:
     # ---- attach / detach -------------------------------------------------------------------------
     def attach(self) -> NPOGuidance:
         if self._orig is None:
+            activate_adapters(self.unet, self._lora)
             self._orig = self.unet.forward
             self.unet.forward = self._forward
         return self
 
     def detach(self) -> None:
+        """Restore the pipeline's own forward; the offsets stay loaded but inactive."""
         if self._orig is not None:
             self.unet.forward = self._orig
             self._orig = None
+            deactivate_adapters(self.unet, self._lora)
 
     def __enter__(self) -> NPOGuidance:
         return self.attach()
 
     def __exit__(self, *exc) -> None:
         self.detach()
-

@@ -49,6 +49,18 @@ def activate_adapters(module: nn.Module, names: list[str]) -> None:
                     p.requires_grad_(grads.get(n, False))
 
 
+def deactivate_adapters(module: nn.Module, names: list[str]) -> None:
+    """Remove ``names`` from the active adapters of every LoRA layer (others stay active)."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in module.modules():
+        if isinstance(m, LoraLayer) and any(n in m.active_adapters for n in names):
+            grads = {n: p.requires_grad for n, p in m.named_parameters()}
+            m.set_adapter([a for a in m.active_adapters if a not in names])
+            for n, p in m.named_parameters():
+                p.requires_grad_(grads.get(n, False))
+
+
 @contextlib.contextmanager
 def adapter_scales(module: nn.Module, scales: Mapping[str, float]) -> Iterator[None]:
     """Temporarily multiply named LoRA adapters' scalings by ``scales``; restores them exactly.
