@@ -57,14 +57,23 @@ def prompts_file(tmp_path):
     return str(p)
 
 
-def train_tiny(model: str, out, prompts: str, **kw):
+def train_tiny(model: str, out, prompts: str, pipe=None, **kw):
     from selfnpo.training.config import TrainConfig
     from selfnpo.training.loop import train
 
-    base = dict(model=model, prompts=prompts, output_dir=str(out), steps=2, batch_size=2, pool_size=2,
-                checkpoint_every=0, lr=5e-2, log_every=1)
+    base = dict(
+        model=model,
+        prompts=prompts,
+        output_dir=str(out),
+        steps=2,
+        batch_size=2,
+        pool_size=2,
+        checkpoint_every=0,
+        lr=5e-2,
+        log_every=1,
+    )
     base.update(kw)
-    return train(TrainConfig(**base), progress=False)
+    return train(TrainConfig(**base), progress=False, pipe=pipe)
 
 
 @pytest.fixture(scope="session")

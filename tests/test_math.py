@@ -12,7 +12,6 @@ from selfnpo import param
 from selfnpo.schedules import alpha_sigma, ddim_grid, nsr
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     old = torch.get_default_dtype()
@@ -43,7 +42,11 @@ class Mixture:
 
     def _parts(self, x, a, sig):
         var = a**2 * self.s**2 + sig**2  # [K]
-        logp = torch.log(self.w) - 0.5 * torch.log(2 * math.pi * var) - (x[:, None] - a * self.mu) ** 2 / (2 * var)
+        logp = (
+            torch.log(self.w)
+            - 0.5 * torch.log(2 * math.pi * var)
+            - (x[:, None] - a * self.mu) ** 2 / (2 * var)
+        )
         return var, logp
 
     def log_p(self, x, a, sig):
@@ -70,8 +73,12 @@ def test_conversions_round_trip_float64(t):
     x_t = a * x0 + s * eps
     v = param.x0_eps_to_v(x0, eps, a, s)
     for pred, kind in ((eps, "epsilon"), (v, "v_prediction"), (x0, "sample")):
-        torch.testing.assert_close(param.to_x0(pred, x_t, a, s, kind), x0, rtol=1e-9, atol=1e-9 * (1 + 1 / a.item()))
-        torch.testing.assert_close(param.to_eps(pred, x_t, a, s, kind), eps, rtol=1e-9, atol=1e-9 * (1 + 1 / s.item()))
+        torch.testing.assert_close(
+            param.to_x0(pred, x_t, a, s, kind), x0, rtol=1e-9, atol=1e-9 * (1 + 1 / a.item())
+        )
+        torch.testing.assert_close(
+            param.to_eps(pred, x_t, a, s, kind), eps, rtol=1e-9, atol=1e-9 * (1 + 1 / s.item())
+        )
     torch.testing.assert_close(param.x0_to_eps(x_t, x0, a, s), eps, rtol=1e-9, atol=1e-8)
     score = param.eps_to_score(eps, s)
     torch.testing.assert_close(param.score_to_x0(x_t, score, a, s), x0, rtol=1e-9, atol=1e-8)

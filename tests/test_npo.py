@@ -20,7 +20,13 @@ def _load(path):
 def _run(pipe, sched: str, seed: int = 0, g: float = 5.0):
     pipe.scheduler = getattr(diffusers, sched).from_config(pipe.scheduler.config)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(2)]
-    return pipe(["a red circle", "green star"], guidance_scale=g, num_inference_steps=4, generator=gens, output_type="np").images
+    return pipe(
+        ["a red circle", "green star"],
+        guidance_scale=g,
+        num_inference_steps=4,
+        generator=gens,
+        output_type="np",
+    ).images
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
@@ -63,7 +69,10 @@ def test_saved_lora_reproduces_the_negative_branch_in_plain_diffusers(kind, tiny
     emb = torch.randn(4, 77, base.unet.config.cross_attention_dim, generator=g)
     kw = {}
     if kind == "sdxl":
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(4, 32, generator=g), "time_ids": torch.rand(4, 6, generator=g) * 64}
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(4, 32, generator=g),
+            "time_ids": torch.rand(4, 6, generator=g) * 64,
+        }
     with NPOGuidance(ours, negative=lora, beta=beta):
         got = ours.unet(x, t, encoder_hidden_states=emb, **kw).sample
     with torch.no_grad():
@@ -73,7 +82,15 @@ def test_saved_lora_reproduces_the_negative_branch_in_plain_diffusers(kind, tiny
         want_pos = base.unet(x[2:], t, encoder_hidden_states=emb[2:], **half).sample
     torch.testing.assert_close(got[:2], want_neg, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[2:], want_pos, rtol=1e-5, atol=1e-6)
-    assert (want_neg - base.unet(x[:2], t, encoder_hidden_states=emb[:2], **{k: {kk: vv[:2] for kk, vv in v.items()} for k, v in kw.items()}).sample).abs().max() > 1e-5
+    assert (
+        want_neg
+        - base.unet(
+            x[:2],
+            t,
+            encoder_hidden_states=emb[:2],
+            **{k: {kk: vv[:2] for kk, vv in v.items()} for k, v in kw.items()},
+        ).sample
+    ).abs().max() > 1e-5
 
 
 def test_full_delta_and_lora_scale_agree(tiny_sd, sd_lora, tmp_path):
@@ -86,7 +103,9 @@ def test_full_delta_and_lora_scale_agree(tiny_sd, sd_lora, tmp_path):
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()
     assert lora_layers(pipe.unet, "m") == []
-    delta = {k: v - base[k] for k, v in pipe.unet.state_dict().items() if k in base and not torch.equal(v, base[k])}
+    delta = {
+        k: v - base[k] for k, v in pipe.unet.state_dict().items() if k in base and not torch.equal(v, base[k])
+    }
     assert delta
     save_full_delta(tmp_path / "full_delta.safetensors", delta, {"base_model": tiny_sd})
     a, b = _load(tiny_sd), _load(tiny_sd)

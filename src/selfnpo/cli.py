@@ -25,7 +25,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", default=f.default, help=help_)
             continue
-        kw = {"type": type(f.default), "default": f.default, "help": f"{help_} (default: {f.default!r})"}
+        kw = {
+            "type": type(f.default),
+            "default": f.default,
+            "help": f"{help_} (default: {f.default!r})",
+        }
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         parser.add_argument(flag, **kw)
@@ -51,8 +55,16 @@ def _cmd_generate(ns: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
-    "train": ("selfnpo.training.config:TrainConfig", "train a Self-NPO negative offset (or a baseline)", _cmd_train),
-    "generate": ("selfnpo.generate:GenerateConfig", "generate images with NPO guidance", _cmd_generate),
+    "train": (
+        "selfnpo.training.config:TrainConfig",
+        "train a Self-NPO negative offset (or a baseline)",
+        _cmd_train,
+    ),
+    "generate": (
+        "selfnpo.generate:GenerateConfig",
+        "generate images with NPO guidance",
+        _cmd_generate,
+    ),
 }
 
 
@@ -85,6 +97,12 @@ def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="selfnpo: %(message)s")
 
 
+def _oom_error() -> type[BaseException]:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", MemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line to stderr and return exit code 2."""
     _quiet_libraries()
@@ -97,12 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"selfnpo {ns.command}: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print(f"selfnpo {ns.command}: error: out of memory; lower --batch-size or --resolution", file=sys.stderr)
+    except (MemoryError, _oom_error()):
+        print(
+            f"selfnpo {ns.command}: error: out of memory; lower --batch-size or --resolution",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     except OSError as e:
         if e.errno == 28:  # ENOSPC
-            print(f"selfnpo {ns.command}: error: disk full while writing {e.filename or ''}".rstrip(), file=sys.stderr)
+            print(
+                f"selfnpo {ns.command}: error: disk full while writing {e.filename or ''}".rstrip(),
+                file=sys.stderr,
+            )
             return EXIT_USER_ERROR
         raise
     return 0

@@ -17,9 +17,17 @@ from .errors import SelfNPOError
 from .io import atomic_path, atomic_write_text, read_prompts
 from .training.config import opt
 
-SCHEDULERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-              "EulerAncestralDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-              "LMSDiscreteScheduler", "DDPMScheduler", "HeunDiscreteScheduler")
+SCHEDULERS = (
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+    "LMSDiscreteScheduler",
+    "DDPMScheduler",
+    "HeunDiscreteScheduler",
+)
 
 
 @dataclass
@@ -30,7 +38,9 @@ class GenerateConfig:
     prompts: str = opt("", "prompt file (.txt / .tsv / .jsonl)")
     prompt: str = opt("", "a single prompt (instead of --prompts)")
     output_dir: str = opt("outputs/generate", "folder for the PNGs and images.jsonl")
-    negative_offset: str = opt("", "negative offset delta: LoRA or full-delta safetensors (file or run offset folder)")
+    negative_offset: str = opt(
+        "", "negative offset delta: LoRA or full-delta safetensors (file or run offset folder)"
+    )
     positive_offset: str = opt("", "optional positive offset eta (e.g. a Diffusion-DPO LoRA)")
     alpha: float = opt(0.0, "share of eta in the negative branch")
     beta: float = opt(1.0, "scale of delta in the negative branch (0 = no NPO)")
@@ -57,10 +67,19 @@ class GenerateConfig:
             (self.num_images_per_prompt >= 1, "--num-images-per-prompt must be >= 1"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (0 <= self.guidance_scale <= 100, "--guidance-scale must be in [0, 100]"),
-            (self.resolution >= 0 and self.resolution % 8 == 0, "--resolution must be a multiple of 8"),
-            (not self.scheduler or self.scheduler in SCHEDULERS, f"unknown --scheduler {self.scheduler!r}"),
+            (
+                self.resolution >= 0 and self.resolution % 8 == 0,
+                "--resolution must be a multiple of 8",
+            ),
+            (
+                not self.scheduler or self.scheduler in SCHEDULERS,
+                f"unknown --scheduler {self.scheduler!r}",
+            ),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
-            (abs(self.alpha) <= 10 and abs(self.beta) <= 10, "--alpha and --beta must be in [-10, 10]"),
+            (
+                abs(self.alpha) <= 10 and abs(self.beta) <= 10,
+                "--alpha and --beta must be in [-10, 10]",
+            ),
         ]:
             if not ok:
                 raise SelfNPOError(msg)
@@ -79,7 +98,9 @@ def _prepare_output(cfg: GenerateConfig) -> Path:
         if not cfg.overwrite:
             raise SelfNPOError(f"{out}: output folder exists; pass --resume or --overwrite")
         if not manifest.is_file():
-            raise SelfNPOError(f"{out}: exists and was not written by selfnpo generate; refusing to overwrite")
+            raise SelfNPOError(
+                f"{out}: exists and was not written by selfnpo generate; refusing to overwrite"
+            )
         for f in out.glob("*.png"):
             f.unlink()
     try:
@@ -107,11 +128,18 @@ def generate(cfg: GenerateConfig, pipe=None, progress: bool = True) -> list[dict
         pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if cfg.scheduler:
         pipe.scheduler = getattr(diffusers, cfg.scheduler).from_config(pipe.scheduler.config)
-    npo = NPOGuidance(pipe, negative=cfg.negative_offset or None, positive=cfg.positive_offset or None,
-                      alpha=cfg.alpha, beta=cfg.beta)
+    npo = NPOGuidance(
+        pipe,
+        negative=cfg.negative_offset or None,
+        positive=cfg.positive_offset or None,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+    )
     n = cfg.num_images_per_prompt
-    jobs = [{"index": i, "prompt": prompts[i // n], "seed": cfg.seed + i, "file": f"{i:05d}.png"}
-            for i in range(len(prompts) * n)]
+    jobs = [
+        {"index": i, "prompt": prompts[i // n], "seed": cfg.seed + i, "file": f"{i:05d}.png"}
+        for i in range(len(prompts) * n)
+    ]
     # Batches are aligned to absolute indices so that a resumed job runs the same batches
     # as an uninterrupted one (batch composition can change the last bits of a result).
     chunks = [jobs[k : k + cfg.batch_size] for k in range(0, len(jobs), cfg.batch_size)]
@@ -123,9 +151,13 @@ def generate(cfg: GenerateConfig, pipe=None, progress: bool = True) -> list[dict
         for chunk in todo:
             gens = [torch.Generator(dev).manual_seed(j["seed"]) for j in chunk]
             images = pipe(
-                [j["prompt"] for j in chunk], negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None,
-                guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.steps, generator=gens,
-                height=res, width=res,
+                [j["prompt"] for j in chunk],
+                negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None,
+                guidance_scale=cfg.guidance_scale,
+                num_inference_steps=cfg.steps,
+                generator=gens,
+                height=res,
+                width=res,
             ).images
             for j, im in zip(chunk, images, strict=True):
                 if (out / j["file"]).is_file():

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -55,9 +56,7 @@ class NPOGuidance:
         beta: scale of delta in the negative branch (0 = plain CFG with theta + alpha*eta).
     """
 
-    def __init__(
-        self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0
-    ) -> None:
+    def __init__(self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0) -> None:
         self.pipe, self.unet = pipe, pipe.unet
         self.alpha, self.beta = float(alpha), float(beta)
         self._full: dict[str, dict[str, Tensor]] = {}

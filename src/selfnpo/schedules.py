@@ -32,9 +32,7 @@ def nsr(alpha: Tensor, sigma: Tensor) -> Tensor:
 def ddim_grid(num_steps: int, num_train_timesteps: int = 1000) -> Tensor:
     """Ascending 'trailing' DDIM grid, e.g. 25 steps of 1000 -> ``[39, 79, ..., 999]``."""
     if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(
-            f"grid steps must be in 1..{num_train_timesteps}, got {num_steps}"
-        )
+        raise ValueError(f"grid steps must be in 1..{num_train_timesteps}, got {num_steps}")
     stride = num_train_timesteps / num_steps
     return (torch.arange(1, num_steps + 1, dtype=torch.float64) * stride).round().long() - 1
 

@@ -63,7 +63,9 @@ def resolve_model_class(model: str) -> str:
         try:
             name = json.loads(Path(hf_hub_download(model, "model_index.json")).read_text())["_class_name"]
         except Exception as e:  # noqa: BLE001 - any hub failure becomes one line
-            raise SelfNPOError(f"{model}: cannot fetch model_index.json from the hub ({type(e).__name__})") from None
+            raise SelfNPOError(
+                f"{model}: cannot fetch model_index.json from the hub ({type(e).__name__})"
+            ) from None
     if name not in SUPPORTED:
         raise SelfNPOError(
             f"{model}: pipeline class {name} is not supported (supported: {', '.join(SUPPORTED)})"

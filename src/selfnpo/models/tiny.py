@@ -66,9 +66,16 @@ def _text_encoder(vocab_size: int, hidden: int, projection: int | None, seed: in
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection or hidden,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection or hidden,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
@@ -99,36 +106,69 @@ def build_tiny_pipeline(
     down = tuple(["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (len(channels) - 1))
     up = tuple(["CrossAttnUpBlock2D"] * (len(channels) - 1) + ["UpBlock2D"])
     unet_kw = dict(
-        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
-        block_out_channels=channels, layers_per_block=1, down_block_types=down, up_block_types=up,
-        cross_attention_dim=text_hidden, attention_head_dim=8, norm_num_groups=min(8, channels[0]),
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=text_hidden,
+        attention_head_dim=8,
+        norm_num_groups=min(8, channels[0]),
     )
     if kind == "sdxl":
         unet_kw.update(
-            cross_attention_dim=text_hidden * 2, addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=text_hidden + 6 * 8, transformer_layers_per_block=1,
+            cross_attention_dim=text_hidden * 2,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=text_hidden + 6 * 8,
+            transformer_layers_per_block=1,
         )
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_kw)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=vae_channels,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=vae_channels,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=1,
-        norm_num_groups=min(8, vae_channels[0]), sample_size=sample_size * 2 ** (len(vae_channels) - 1),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        layers_per_block=1,
+        norm_num_groups=min(8, vae_channels[0]),
+        sample_size=sample_size * 2 ** (len(vae_channels) - 1),
     )
     sched = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type, timestep_spacing="trailing",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        timestep_spacing="trailing",
     )
     if kind == "sd":
         te = _text_encoder(vocab, text_hidden, None, seed + 2)
         return StableDiffusionPipeline(
-            vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            unet=unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     te1 = _text_encoder(vocab, text_hidden, None, seed + 2)
     te2 = _text_encoder(vocab, text_hidden, text_hidden, seed + 3)
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched,
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=sched,
     )

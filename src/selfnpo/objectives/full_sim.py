@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..sampling import ddim_sample
 from ..schedules import ddim_grid
-from .base import Batch, StepContext, regression_loss, register, uniform_int
+from .base import Batch, StepContext, register, regression_loss, uniform_int
 
 
 @register("full_sim")

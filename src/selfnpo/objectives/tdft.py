@@ -8,7 +8,7 @@ from torch import Tensor
 from ..param import renoise
 from ..sampling import ddim_rollout
 from ..schedules import ddim_grid, grid_stride
-from .base import Batch, StepContext, regression_loss, register, uniform_int
+from .base import Batch, StepContext, register, regression_loss, uniform_int
 
 
 def start_state(ctx: StepContext, batch: Batch, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:

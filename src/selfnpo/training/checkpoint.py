@@ -50,7 +50,10 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], meta: 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
     with atomic_dir(final) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp / "state.safetensors"),
+        )
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, default=str))
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

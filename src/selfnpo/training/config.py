@@ -35,13 +35,24 @@ class TrainConfig:
         -1.0, "w: paper guidance weight of the teacher rollout (-1 = unconditional only; g = w+1)"
     )
     authors_cond_pass: bool = opt(
-        False, "compute the conditional teacher pass even when w = -1 and discard it (authors' cost)"
+        False,
+        "compute the conditional teacher pass even when w = -1 and discard it (authors' cost)",
     )
-    loss: str = opt("pseudo_huber", "regression loss on x0: pseudo_huber or l2", choices=("pseudo_huber", "l2"))
+    loss: str = opt(
+        "pseudo_huber", "regression loss on x0: pseudo_huber or l2", choices=("pseudo_huber", "l2")
+    )
     huber_c: float = opt(1e-3, "pseudo-Huber constant c")
-    teacher: str = opt("ema", "teacher: ema (EMA of the student) or frozen (the base model)", choices=("ema", "frozen"))
+    teacher: str = opt(
+        "ema",
+        "teacher: ema (EMA of the student) or frozen (the base model)",
+        choices=("ema", "frozen"),
+    )
     ema_decay: float = opt(0.999, "EMA rate of the teacher")
-    train: str = opt("lora", "what is trained: lora (default) or full (all UNet weights)", choices=("lora", "full"))
+    train: str = opt(
+        "lora",
+        "what is trained: lora (default) or full (all UNet weights)",
+        choices=("lora", "full"),
+    )
     lora_rank: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(0.0, "LoRA alpha (0 = same as rank, i.e. scale 1)")
     lora_targets: str = opt("to_q,to_k,to_v,to_out.0", "comma-separated UNet module names given LoRA")
@@ -59,7 +70,9 @@ class TrainConfig:
     checkpoint_every: int = opt(100, "steps between checkpoints (0 = only at the end)")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     log_every: int = opt(10, "steps between log lines")
-    nonfinite: str = opt("stop", "on a NaN/inf loss: stop (default) or skip the step", choices=("stop", "skip"))
+    nonfinite: str = opt(
+        "stop", "on a NaN/inf loss: stop (default) or skip the step", choices=("stop", "skip")
+    )
     caption_dropout: float = opt(0.0, "probability of replacing a prompt by the empty prompt")
     resume: bool = opt(False, "continue the run in --output-dir from its last checkpoint")
     overwrite: bool = opt(False, "replace an existing run folder")
@@ -79,7 +92,10 @@ class TrainConfig:
             (self.grad_accum >= 1, "--grad-accum must be >= 1"),
             (1 <= self.grid_steps <= 1000, "--grid-steps must be in 1..1000"),
             (self.k_steps >= 1, "--k-steps must be >= 1"),
-            (self.k_steps <= self.grid_steps, f"--k-steps {self.k_steps} is larger than the grid ({self.grid_steps})"),
+            (
+                self.k_steps <= self.grid_steps,
+                f"--k-steps {self.k_steps} is larger than the grid ({self.grid_steps})",
+            ),
             (0.0 <= self.ema_decay <= 1.0, "--ema-decay must be in [0, 1]"),
             (self.lr > 0 and self.lr < 1.0, "--lr must be in (0, 1)"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),

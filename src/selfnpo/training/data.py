@@ -53,7 +53,11 @@ class LatentPool:
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
-            save_file({"latents": self.latents.contiguous()}, str(tmp), metadata={"prompts": json.dumps(self.prompts)})
+            save_file(
+                {"latents": self.latents.contiguous()},
+                str(tmp),
+                metadata={"prompts": json.dumps(self.prompts)},
+            )
 
     @staticmethod
     def load(path: Path) -> LatentPool:
@@ -120,7 +124,9 @@ def load_image(path: Path, res: int) -> Tensor:
         raise SelfNPOError(f"{path}: not a readable image ({type(e).__name__})") from None
     w, h = im.size
     side = min(w, h)
-    im = im.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)).resize((res, res), Image.BICUBIC)
+    im = im.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)).resize(
+        (res, res), Image.BICUBIC
+    )
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 

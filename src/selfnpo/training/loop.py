@@ -54,7 +54,9 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
                 raise SelfNPOError(f"{run}: exists and is not a selfnpo run folder; refusing to overwrite it")
             shutil.rmtree(run)
         else:
-            raise SelfNPOError(f"{run}: run folder exists; pass --resume to continue it or --overwrite to replace it")
+            raise SelfNPOError(
+                f"{run}: run folder exists; pass --resume to continue it or --overwrite to replace it"
+            )
     try:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg_file, json.dumps(cfg.to_dict(), indent=2))
@@ -69,7 +71,14 @@ def _check_same_run(cfg: TrainConfig, saved: dict) -> None:
             raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r} in this run, now {v!r}")
 
 
-def make_source(cfg: TrainConfig, model: DiffusionModel, offset: TrainableOffset, prompts, run: Path, progress: bool) -> Source:
+def make_source(
+    cfg: TrainConfig,
+    model: DiffusionModel,
+    offset: TrainableOffset,
+    prompts,
+    run: Path,
+    progress: bool,
+) -> Source:
     if cfg.source == "noise":
         return PromptSource(prompts)
     pool_file = run / "pool.safetensors"
@@ -136,15 +145,25 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
     objective = get_objective(cfg.objective)
     ctx = StepContext(model, offset.student, offset.teacher, cfg, gen)
     t0, loss_val, nfe0 = time.perf_counter(), float("nan"), model.nfe
-    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.objective, disable=not (progress and acc.is_main_process))
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc=cfg.objective,
+        disable=not (progress and acc.is_main_process),
+    )
     while step < cfg.steps:
         loss_val = _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.4g}")
         if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
-            _log_line(run, {"step": step, "loss": loss_val, "lr": cfg.lr, "time_s": time.perf_counter() - t0})
-        if acc.is_main_process and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            _log_line(
+                run,
+                {"step": step, "loss": loss_val, "lr": cfg.lr, "time_s": time.perf_counter() - t0},
+            )
+        if acc.is_main_process and (
+            step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        ):
             _checkpoint(run, step, offset, opt, gen, cfg)
     bar.close()
     wall = time.perf_counter() - t0
@@ -189,7 +208,9 @@ def _nonfinite(cfg, opt, step: int, run: Path, what: str) -> float:
 
     ckpts = list_checkpoints(run)
     last = ckpts[-1] if ckpts else "none"
-    raise SelfNPOError(f"non-finite {what} at step {step + 1}; training stopped, last good checkpoint: {last}")
+    raise SelfNPOError(
+        f"non-finite {what} at step {step + 1}; training stopped, last good checkpoint: {last}"
+    )
 
 
 def _checkpoint(run: Path, step: int, offset: TrainableOffset, opt, gen, cfg: TrainConfig) -> None:

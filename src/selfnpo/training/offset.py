@@ -48,7 +48,12 @@ class TrainableOffset:
 
         targets = [t.strip() for t in self.cfg.lora_targets.split(",") if t.strip()]
         alpha = self.cfg.lora_alpha or float(self.cfg.lora_rank)
-        lc = LoraConfig(r=self.cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+        lc = LoraConfig(
+            r=self.cfg.lora_rank,
+            lora_alpha=alpha,
+            init_lora_weights="gaussian",
+            target_modules=targets,
+        )
         unet.add_adapter(lc, adapter_name=STUDENT)
         unet.add_adapter(copy.deepcopy(lc), adapter_name=TEACHER)
         activate_adapters(unet, [STUDENT, TEACHER])
@@ -64,7 +69,11 @@ class TrainableOffset:
         unet = self.model.unet
         if self.mode == "lora":
             named = dict(unet.named_parameters())
-            return [(named[n.replace(f".{STUDENT}.", f".{TEACHER}.")], p) for n, p in named.items() if f".{STUDENT}." in n]
+            return [
+                (named[n.replace(f".{STUDENT}.", f".{TEACHER}.")], p)
+                for n, p in named.items()
+                if f".{STUDENT}." in n
+            ]
         return list(zip(self.teacher_net.parameters(), unet.parameters(), strict=True))
 
     # ---- predictions -------------------------------------------------------------------------
@@ -110,7 +119,11 @@ class TrainableOffset:
         if self.mode == "lora":
             return save_lora(self.model.pipe, unet, STUDENT, out_dir, meta)
         cur = unet.state_dict()
-        delta = {k: (cur[k].detach().cpu().float() - self.base[k].float()) for k in self.base if cur[k].is_floating_point()}
+        delta = {
+            k: (cur[k].detach().cpu().float() - self.base[k].float())
+            for k in self.base
+            if cur[k].is_floating_point()
+        }
         path = Path(out_dir) / "full_delta.safetensors"
         save_full_delta(path, delta, meta)
         return path
