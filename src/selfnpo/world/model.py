@@ -1,0 +1,246 @@
+"""The embedded default model: a tiny SD1.5-type pipeline trained on the procedural world.
+
+``selfnpo pretrain`` reproduces it in two resumable phases: (1) the AutoencoderKL learns to
+reconstruct 32x32 renders (its own short loop, checkpointed like every run), (2) the UNet is
+trained from scratch with the ``diffusion`` objective through the one training loop, with
+caption dropout so that the unconditional prediction exists. The text encoder is a random,
+frozen CLIPTextModel over the real CLIP BPE vocabulary. The shipped copy is stored in fp16.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import SelfNPOError
+from ..io import atomic_dir, atomic_write_text
+from ..training.checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from ..training.config import opt
+from .captions import caption
+from .render import render_batch, sample_scene
+
+UNET_CHANNELS = (32, 64, 64)
+VAE_CHANNELS = (16, 32)
+TEXT_HIDDEN = 32
+
+
+def shipped_model_dir() -> Path:
+    """Folder of the trained world model inside the installed package."""
+    return Path(str(resources.files("selfnpo.world") / "assets" / "world-model"))
+
+
+def images_to_unit(images: np.ndarray) -> Tensor:
+    """uint8 ``[N, H, W, 3]`` -> float ``[N, 3, H, W]`` in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def world_batch(rng: np.random.Generator, n: int, split: str = "train") -> tuple[list[str], np.ndarray]:
+    """``n`` fresh renders of ``split`` and one caption each."""
+    images, scenes = render_batch(rng, n, split)
+    return [caption(s, rng) for s in scenes], images
+
+
+def world_prompts(n: int, split: str, seed: int) -> list[str]:
+    """Captions of ``n`` scenes of ``split`` (``heldout`` for evaluation prompts)."""
+    rng = np.random.default_rng(seed)
+    return [caption(sample_scene(rng, split), rng) for _ in range(n)]
+
+
+class WorldSource:
+    """Training source that renders fresh world scenes each step and encodes them with the VAE."""
+
+    def __init__(self, model, split: str = "train") -> None:
+        self.model, self.split = model, split
+
+    def sample(self, g: torch.Generator, n: int) -> tuple[list[str], Tensor]:
+        seed = int(torch.randint(2**62, (1,), generator=g, device=g.device).item())
+        caps, images = world_batch(np.random.default_rng(seed), n, self.split)
+        return caps, self.model.encode_images(images_to_unit(images)).to(g.device)
+
+
+@dataclass
+class PretrainConfig:
+    """Train the embedded world model from scratch (VAE, then UNet)."""
+
+    output_dir: str = opt("runs/pretrain", "run folder; the finished pipeline is written to OUTPUT_DIR/model")
+    vae_steps: int = opt(400, "autoencoder training steps")
+    unet_steps: int = opt(2500, "UNet training steps")
+    vae_batch_size: int = opt(16, "images per autoencoder step")
+    batch_size: int = opt(32, "images per UNet step")
+    vae_lr: float = opt(1e-3, "autoencoder learning rate")
+    unet_lr: float = opt(5e-4, "UNet learning rate")
+    caption_dropout: float = opt(0.1, "probability of training on the empty prompt (unconditional)")
+    checkpoint_every: int = opt(200, "steps between checkpoints")
+    seed: int = opt(0, "random seed")
+    device: str = opt("auto", "auto, cpu, cuda")
+    resume: bool = opt(False, "continue an interrupted pretraining run")
+    overwrite: bool = opt(False, "replace an existing run folder")
+
+    def validate(self) -> PretrainConfig:
+        if self.vae_steps < 1 or self.unet_steps < 1 or self.batch_size < 1:
+            raise SelfNPOError("--vae-steps, --unet-steps and --batch-size must be >= 1")
+        if not (0 < self.vae_lr < 1 and 0 < self.unet_lr < 1):
+            raise SelfNPOError("learning rates must be in (0, 1)")
+        if self.resume and self.overwrite:
+            raise SelfNPOError("--resume and --overwrite exclude each other")
+        return self
+
+
+def build_world_pipeline(tokenizer_dir: Path, seed: int = 0):
+    from ..models.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(
+        "sd",
+        tokenizer_dir,
+        sample_size=16,
+        channels=UNET_CHANNELS,
+        text_hidden=TEXT_HIDDEN,
+        vae_channels=VAE_CHANNELS,
+        seed=seed,
+    )
+
+
+def _vae_loss(vae, x: Tensor, g: torch.Generator) -> Tensor:
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=g.device)
+    rec = vae.decode(z).sample
+    return (rec - x).abs().mean() + ((rec - x) ** 2).mean() + 1e-6 * post.kl().mean()
+
+
+def train_vae(pipe, cfg: PretrainConfig, run: Path, progress: bool) -> None:
+    """Phase 1: the autoencoder (checkpointed; a resumed run continues exactly)."""
+    from tqdm.auto import tqdm
+
+    vae = pipe.vae.train()
+    params = list(vae.parameters())
+    opt_ = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
+    g = torch.Generator(vae.device).manual_seed(cfg.seed)
+    start, ck = 0, run / "vae"
+    state = load_latest(ck)
+    if state is not None:
+        tensors, meta = state
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(tensors[f"p.{i}"])
+        optimizer_from_flat(opt_, tensors, meta["optimizer"])
+        g.set_state(tensors["rng"])
+        start = meta["step"]
+    for step in tqdm(
+        range(start, cfg.vae_steps),
+        initial=start,
+        total=cfg.vae_steps,
+        desc="autoencoder",
+        disable=not progress,
+    ):
+        seed = int(torch.randint(2**62, (1,), generator=g, device=g.device).item())
+        _, images = world_batch(np.random.default_rng(seed), cfg.vae_batch_size, "any")
+        loss = _vae_loss(vae, images_to_unit(images).to(vae.device), g)
+        opt_.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt_.step()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            t, js = optimizer_to_flat(opt_)
+            t.update({f"p.{i}": p for i, p in enumerate(params)}, rng=g.get_state())
+            save_checkpoint(ck, step + 1, t, {"optimizer": js, "loss": float(loss)}, keep=2)
+    vae.eval()
+
+
+@torch.no_grad()
+def set_latent_scale(pipe, seed: int) -> float:
+    """Scale latents to unit variance, as SD's ``scaling_factor`` does (computed on 512 renders)."""
+    _, images = world_batch(np.random.default_rng(seed), 512, "any")
+    lat = pipe.vae.encode(images_to_unit(images).to(pipe.vae.device)).latent_dist.mean
+    scale = float(1.0 / lat.std())
+    pipe.vae.register_to_config(scaling_factor=scale)
+    return scale
+
+
+def _prepare(cfg: PretrainConfig) -> Path:
+    run = Path(cfg.output_dir)
+    marker = run / "pretrain_config.json"
+    if run.exists() and any(run.iterdir()):
+        if cfg.resume and marker.is_file():
+            saved = json.loads(marker.read_text())
+            for k in ("vae_steps", "vae_batch_size", "batch_size", "seed", "vae_lr", "unet_lr", "caption_dropout"):
+                if saved.get(k) != getattr(cfg, k):
+                    raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r}, now {getattr(cfg, k)!r}")
+            return run
+        if not cfg.overwrite:
+            raise SelfNPOError(
+                f"{run}: run folder exists; pass --resume to continue it or --overwrite to replace it"
+            )
+        if not marker.is_file():
+            raise SelfNPOError(f"{run}: exists and is not a pretraining run folder; refusing to overwrite it")
+        shutil.rmtree(run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps(asdict(cfg), indent=2))
+    except OSError as e:
+        raise SelfNPOError(f"{run}: cannot write the run folder ({e.strerror})") from None
+    return run
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
+    """Both phases; returns the finished diffusers folder ``OUTPUT_DIR/model``."""
+    from ..models.loading import load_pipeline, pick_device
+    from ..models.sd import DiffusionModel
+    from ..models.tiny import write_clip_vocab
+    from ..training.config import TrainConfig
+    from ..training.loop import train
+
+    cfg.validate()
+    run = _prepare(cfg)
+    dev = pick_device(cfg.device)
+    base = run / "base"
+    if not (base / "model_index.json").is_file():
+        tok = write_clip_vocab(run / "tokenizer")
+        pipe = build_world_pipeline(tok, cfg.seed).to(dev)
+        train_vae(pipe, cfg, run, progress)
+        set_latent_scale(pipe, cfg.seed + 1)
+        with atomic_dir(base) as tmp:
+            pipe.save_pretrained(tmp)
+    prompts = run / "train_prompts.txt"
+    if not prompts.is_file():
+        atomic_write_text(prompts, "\n".join(world_prompts(1000, "train", cfg.seed)) + "\n")
+    tc = TrainConfig(
+        model=str(base),
+        prompts=str(prompts),
+        output_dir=str(run / "unet"),
+        objective="diffusion",
+        train="full",
+        teacher="frozen",
+        lr=cfg.unet_lr,
+        weight_decay=0.0,
+        steps=cfg.unet_steps,
+        batch_size=cfg.batch_size,
+        caption_dropout=cfg.caption_dropout,
+        checkpoint_every=cfg.checkpoint_every,
+        seed=cfg.seed,
+        device=cfg.device,
+        save_model=True,
+        resume=(run / "unet" / "config.json").is_file(),
+        log_every=50,
+    )
+    pipe = load_pipeline(str(base), device=cfg.device, dtype="fp32")
+    train(tc, progress=progress, source=WorldSource(DiffusionModel(pipe)), pipe=pipe)
+    return run / "unet" / "model"
+
+
+def export_model(model_dir: Path, dest: Path) -> None:
+    """Copy a trained pipeline as fp16 safetensors (the form shipped in the package)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(model_dir), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.to(torch.float16)
+    with atomic_dir(dest) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
