@@ -54,6 +54,19 @@ def _cmd_generate(ns: argparse.Namespace) -> None:
     print(f"{len(jobs)} images in {ns.output_dir}")
 
 
+def _cmd_pretrain(ns: argparse.Namespace) -> None:
+    from .world.model import PretrainConfig, pretrain
+
+    path = pretrain(config_from_args(PretrainConfig, ns), progress=not ns.quiet)
+    print(f"world model written to {path}")
+
+
+def _cmd_demo(ns: argparse.Namespace) -> None:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(config_from_args(DemoConfig, ns), progress=(lambda s: None) if ns.quiet else print)
+
+
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
     "train": (
         "selfnpo.training.config:TrainConfig",
@@ -64,6 +77,16 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
         "selfnpo.generate:GenerateConfig",
         "generate images with NPO guidance",
         _cmd_generate,
+    ),
+    "demo": (
+        "selfnpo.demo:DemoConfig",
+        "the main job: Self-NPO on the embedded world model, with a report",
+        _cmd_demo,
+    ),
+    "pretrain": (
+        "selfnpo.world.model:PretrainConfig",
+        "reproduce the embedded world model from scratch",
+        _cmd_pretrain,
     ),
 }
 

@@ -70,7 +70,7 @@ class PretrainConfig:
     """Train the embedded world model from scratch (VAE, then UNet)."""
 
     output_dir: str = opt("runs/pretrain", "run folder; the finished pipeline is written to OUTPUT_DIR/model")
-    vae_steps: int = opt(400, "autoencoder training steps")
+    vae_steps: int = opt(3000, "autoencoder training steps")
     unet_steps: int = opt(2500, "UNet training steps")
     vae_batch_size: int = opt(16, "images per autoencoder step")
     batch_size: int = opt(32, "images per UNet step")
@@ -169,7 +169,15 @@ def _prepare(cfg: PretrainConfig) -> Path:
     if run.exists() and any(run.iterdir()):
         if cfg.resume and marker.is_file():
             saved = json.loads(marker.read_text())
-            for k in ("vae_steps", "vae_batch_size", "batch_size", "seed", "vae_lr", "unet_lr", "caption_dropout"):
+            for k in (
+                "vae_steps",
+                "vae_batch_size",
+                "batch_size",
+                "seed",
+                "vae_lr",
+                "unet_lr",
+                "caption_dropout",
+            ):
                 if saved.get(k) != getattr(cfg, k):
                     raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r}, now {getattr(cfg, k)!r}")
             return run
