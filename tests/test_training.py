@@ -222,3 +222,19 @@ def test_tdft_costs_k_plus_one_teacher_passes(tiny_sd, prompts_file, tmp_path):
         authors_cond_pass=True,
     )
     assert res.network_evals == 2 * 2 * (2 * (5 + 1) + 1)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd):
+    grads = []
+    for gc in (False, True):
+        model, off = _offset_for(tiny_sd, gradient_checkpointing=gc)
+        assert model.unet.is_gradient_checkpointing == gc and model.unet.training
+        with torch.no_grad():  # non-zero B so that every LoRA factor gets a gradient
+            for p in off.params:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+        off.student(x, t, model.encode(["a red circle", "green star"])).square().mean().backward()
+        grads.append([p.grad.clone() for p in off.params])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

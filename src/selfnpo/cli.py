@@ -118,6 +118,12 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.basicConfig(level=logging.WARNING, format="selfnpo: %(message)s")
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.disable_progress_bar()
+        lib.utils.logging.set_verbosity_error()
 
 
 def _oom_error() -> type[BaseException]:
@@ -128,8 +134,8 @@ def _oom_error() -> type[BaseException]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line to stderr and return exit code 2."""
-    _quiet_libraries()
     ns = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         COMMANDS[ns.command][2](ns)
     except SelfNPOError as e:

@@ -59,6 +59,22 @@ class DemoConfig:
             }
         )
 
+    def validate(self) -> DemoConfig:
+        for name in (
+            "train_steps",
+            "batch_size",
+            "pool_size",
+            "eval_prompts",
+            "sample_steps",
+            "curve_points",
+        ):
+            if getattr(self, name) < 1:
+                raise SelfNPOError(f"--{name.replace('_', '-')} must be >= 1")
+        if not self.floats("guidance_scales") or any(g < 0 for g in self.floats("guidance_scales")):
+            raise SelfNPOError("--guidance-scales must list non-negative numbers")
+        self.floats("betas")
+        return self
+
     def floats(self, field: str) -> list[float]:
         try:
             return [float(x) for x in getattr(self, field).split(",") if x.strip()]
@@ -189,7 +205,8 @@ def _sweep(cfg: DemoConfig, bench: _Bench, offset: Path, progress) -> list[dict]
     rows = []
     for g in cfg.floats("guidance_scales"):
         bench.run(("base", g), g, None, 0.0)
-        rows.append({"guidance_scale": g, "beta": 0.0, **bench.summary(("base", g), None)})
+        base_row = {"guidance_scale": g, "beta": 0.0, **bench.summary(("base", g), None)}
+        rows.append(base_row)
         for b in cfg.floats("betas"):
             key = ("npo", g, b, cfg.train_steps) if b == 1.0 and g == cfg.default_guidance else ("npo", g, b)
             bench.run(key, g, offset, b)
@@ -206,8 +223,7 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
     from .world.classifier import load_classifier
     from .world.model import shipped_model_dir
 
-    cfg = cfg.resolved()
-    cfg.floats("guidance_scales"), cfg.floats("betas")
+    cfg = cfg.validate().resolved()
     t0 = time.perf_counter()
     model = cfg.model or str(shipped_model_dir())
     out = _prepare(cfg)

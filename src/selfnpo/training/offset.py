@@ -40,6 +40,7 @@ class TrainableOffset:
             unet.requires_grad_(True)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers checkpoints gradients only in training mode; SD UNets have no dropout
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self._pairs = self._ema_pairs()
 
