@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +117,7 @@ def _prepare(cfg: DemoConfig) -> Path:
     return out
 
 
-class _Bench:
+class EvalBench:
     """Held-out prompts, seeds, real-render features, and a cache of scored settings."""
 
     def __init__(self, cfg: DemoConfig, pipe, classifier) -> None:
@@ -153,7 +153,8 @@ class _Bench:
         return summarise(self.scores[key], self.real, base, seed=self.cfg.seed)
 
 
-def _train_to(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int):
+def train_to(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int, **overrides):
+    """Train (or continue) the run in ``run`` up to ``steps``; ``overrides`` are TrainConfig fields."""
     from .training.config import TrainConfig
     from .training.loop import train
 
@@ -172,11 +173,11 @@ def _train_to(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int)
         log_every=10,
         device="cpu" if not torch.cuda.is_available() else "auto",
     )
-    return train(tc, progress=False)
+    return train(replace(tc, **overrides), progress=False)
 
 
 def _training_curve(
-    cfg: DemoConfig, bench: _Bench, model: str, out: Path, progress
+    cfg: DemoConfig, bench: EvalBench, model: str, out: Path, progress
 ) -> tuple[list, Path, dict]:
     """Train in segments (a resumed run is bit-identical to one run) and evaluate each offset."""
     from .world.model import world_prompts
@@ -190,7 +191,7 @@ def _training_curve(
     )
     curve, cost, offset = [], {"wall_time_s": 0.0, "network_evals": 0}, None
     for p in points:
-        res = _train_to(cfg, model, prompts, out / "run", p)
+        res = train_to(cfg, model, prompts, out / "run", p)
         cost["wall_time_s"] += res.wall_time_s
         cost["network_evals"] += res.network_evals
         offset = out / "offsets" / f"step-{p:05d}"
@@ -201,7 +202,7 @@ def _training_curve(
     return curve, offset, cost
 
 
-def _sweep(cfg: DemoConfig, bench: _Bench, offset: Path, progress) -> list[dict]:
+def _sweep(cfg: DemoConfig, bench: EvalBench, offset: Path, progress) -> list[dict]:
     rows = []
     for g in cfg.floats("guidance_scales"):
         bench.run(("base", g), g, None, 0.0)
@@ -228,7 +229,7 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
     model = cfg.model or str(shipped_model_dir())
     out = _prepare(cfg)
     pipe = load_pipeline(model, device="auto", dtype="fp32")
-    bench = _Bench(cfg, pipe, load_classifier())
+    bench = EvalBench(cfg, pipe, load_classifier())
     curve, offset, cost = _training_curve(cfg, bench, model, out, progress)
     sweep = _sweep(cfg, bench, offset, progress)
     metrics = {
