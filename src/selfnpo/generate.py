@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import SelfNPOError
-from .io import atomic_path, atomic_write_text, read_prompts
+from .io import atomic_path, atomic_write_text, read_prompts, remove_stale_temps
 from .training.config import opt
 
 SCHEDULERS = (
@@ -94,6 +94,7 @@ def _prepare_output(cfg: GenerateConfig) -> Path:
         if cfg.resume and manifest.is_file():
             if json.loads(manifest.read_text()) != mine:
                 raise SelfNPOError(f"{out}: holds images of different settings; cannot resume")
+            remove_stale_temps(out)
             return out
         if not cfg.overwrite:
             raise SelfNPOError(f"{out}: output folder exists; pass --resume or --overwrite")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SelfNPOError
-from ..io import atomic_dir, atomic_write_text, read_prompts
+from ..io import atomic_dir, atomic_write_text, read_prompts, remove_stale_temps
 from ..models.loading import load_pipeline, resolve_model_class
 from ..models.sd import DiffusionModel
 from ..objectives.base import Batch, StepContext, get_objective
@@ -48,6 +48,8 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
         if cfg.resume and cfg_file.is_file():
             _check_same_run(cfg, json.loads(cfg_file.read_text()))
+            for folder in (run, run / "checkpoints"):
+                remove_stale_temps(folder)
             return run, True
         if cfg.overwrite:
             if not cfg_file.is_file():
