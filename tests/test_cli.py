@@ -116,6 +116,18 @@ TRAIN_CASES = {
 }
 
 
+def test_huge_prompt_file_is_refused(capsys, tmp_path, tiny_sd, monkeypatch):
+    import selfnpo.io
+
+    monkeypatch.setattr(selfnpo.io, "MAX_PROMPT_FILE_BYTES", 1000)
+    big = _write(tmp_path, "big.txt", b"a prompt\n" * 200)
+    rc, err = _run(
+        capsys, "train", "--model", tiny_sd, "--prompts", big, "--output-dir", str(tmp_path / "run")
+    )
+    assert rc == 2 and "larger than" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
 def test_train_bad_input(case, capsys, tmp_path, tiny_sd, prompts_file):
     make, needle = TRAIN_CASES[case]

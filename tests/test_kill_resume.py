@@ -133,3 +133,36 @@ def test_generate_killed_midway_produces_the_same_set(runner, tmp_path, tiny_sd)
     assert not list(out.glob(".*"))  # a killed writer's temporaries are cleaned up by the re-run
     want = {p.name: p.read_bytes() for p in ref.glob("*.png")}
     assert len(want) == 6 and {p.name: p.read_bytes() for p in out.glob("*.png")} == want
+
+
+def test_pretrain_killed_at_several_moments_ends_bit_identical(runner, tmp_path):
+    args = [
+        "pretrain",
+        "--quiet",
+        "--vae-steps",
+        "6",
+        "--unet-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--vae-batch-size",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--resume",
+    ]
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(runner, *args, "--output-dir", str(ref)), env=_env(), check=True, capture_output=True)
+    run = tmp_path / "run"
+    cmd = _cmd(runner, *args, "--output-dir", str(run))
+    for n in (2, 9):  # inside an autoencoder checkpoint, then inside a UNet checkpoint
+        subprocess.run(cmd, env=_env(SELFNPO_DIE_AT_SAVE=str(n)), capture_output=True)
+    for delay in (4.0, 8.0):
+        _run_killed_after(cmd, delay)
+    subprocess.run(cmd, env=_env(), check=True, capture_output=True)
+    a = _weights(ref / "unet" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = _weights(run / "unet" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    va = _weights(ref / "base" / "vae" / "diffusion_pytorch_model.safetensors")
+    vb = _weights(run / "base" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(va[k], vb[k]) for k in va)

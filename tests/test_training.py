@@ -238,3 +238,71 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd):
         grads.append([p.grad.clone() for p in off.params])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_nonfinite_gradient_stops_with_the_step(tiny_sd, prompts_file, tmp_path, monkeypatch):
+    import selfnpo.objectives.tdft as tdft_mod
+    from selfnpo.objectives import base
+
+    real = tdft_mod.tdft
+
+    def inf_gradient(ctx, batch):
+        loss = real(ctx, batch)
+        p = next(p for p in ctx.model.unet.parameters() if p.requires_grad)
+        return loss + (p - p.detach()).abs().sqrt().sum()  # value 0, gradient inf
+
+    monkeypatch.setitem(base.OBJECTIVES, "tdft", inf_gradient)
+    with pytest.raises(SelfNPOError, match="non-finite gradient at step 1"):
+        train_tiny(tiny_sd, tmp_path / "run", prompts_file, steps=2)
+
+
+def test_commands_never_touch_the_network_for_local_folders(tiny_sd, prompts_file, tmp_path, monkeypatch):
+    import socket
+
+    from selfnpo import cli
+
+    def no_network(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    run = tmp_path / "run"
+    assert (
+        cli.main(
+            [
+                "train",
+                "--quiet",
+                "--model",
+                tiny_sd,
+                "--prompts",
+                prompts_file,
+                "--steps",
+                "1",
+                "--pool-size",
+                "2",
+                "--output-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--quiet",
+                "--model",
+                tiny_sd,
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "2",
+                "--negative-offset",
+                str(run / "offset"),
+                "--output-dir",
+                str(tmp_path / "img"),
+            ]
+        )
+        == 0
+    )

@@ -103,7 +103,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if not p.is_file():
         raise SelfNPOError(f"{p}: prompt file not found")
     if p.stat().st_size > MAX_PROMPT_FILE_BYTES:
-        raise SelfNPOError(f"{p}: prompt file is larger than {MAX_PROMPT_FILE_BYTES >> 20} MiB")
+        raise SelfNPOError(f"{p}: prompt file is larger than the limit of {MAX_PROMPT_FILE_BYTES:,} bytes")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
