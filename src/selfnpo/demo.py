@@ -34,11 +34,11 @@ class DemoConfig:
     lora_rank: int = opt(8, "LoRA rank")
     pool_size: int = opt(64, "self-generated pool size")
     eval_prompts: int = opt(64, "held-out prompts (one image each per setting)")
-    sample_steps: int = opt(15, "DDIM sampling steps for evaluation")
+    sample_steps: int = opt(10, "DDIM sampling steps for evaluation")
     guidance_scales: str = opt("1.5,3,5", "comma-separated guidance scales g of the sweep")
     betas: str = opt("0.5,1", "comma-separated offset scales beta of the sweep (0 = base is always run)")
     default_guidance: float = opt(3.0, "guidance scale for the image grid and the training curve")
-    curve_points: int = opt(4, "evaluations along training")
+    curve_points: int = opt(3, "evaluations along training")
     seed: int = opt(0, "seed of prompts, training and sampling")
     overwrite: bool = opt(False, "replace an existing report folder")
 

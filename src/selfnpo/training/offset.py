@@ -35,8 +35,13 @@ class TrainableOffset:
         if self.mode == "lora":
             self._setup_lora(unet)
         else:
-            self.base = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
             self.teacher_net = copy.deepcopy(unet).requires_grad_(False).eval()
+            # the offset is student - base; a frozen teacher *is* the base, so no third copy
+            self.base = (
+                None
+                if self.decay >= 1.0
+                else {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+            )
             unet.requires_grad_(True)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
