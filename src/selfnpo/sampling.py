@@ -23,6 +23,8 @@ def ddim_rollout(
     Returns ``(x_t_end, t_end)``. A sample already at 0 stays where it is.
     """
     for _ in range(steps):
+        if not bool((t > 0).any()):  # every sample already at 0: further steps change nothing
+            break
         t_next = (t - stride).clamp_min(0)
         pred = f(x, t)
         x0, eps = model.x0_of(pred, x, t), model.eps_of(pred, x, t)
