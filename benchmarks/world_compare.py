@@ -65,13 +65,17 @@ def _train(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default="runs/world-compare")
+    ap.add_argument("--model", default="", help="diffusers folder (default: the embedded world model)")
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--eval-prompts", type=int, default=128)
-    ap.add_argument("--sample-steps", type=int, default=15)
+    ap.add_argument("--sample-steps", type=int, default=10)
     ap.add_argument("--guidance-scales", default="1.5,3,5")
     ap.add_argument("--betas", default="0.5,1")
     ap.add_argument("--methods", default="tdft,full_sim")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of prompts, training and sampling (ablations use 1)"
+    )
     ap.add_argument(
         "--set", action="append", default=[], help="TrainConfig override for the tdft run, KEY=VALUE"
     )
@@ -83,13 +87,14 @@ def main() -> None:
         train_steps=a.train_steps,
         eval_prompts=a.eval_prompts,
         lr=a.lr,
+        seed=a.seed,
         sample_steps=a.sample_steps,
         guidance_scales=a.guidance_scales,
         betas=a.betas,
     )
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    model = str(shipped_model_dir())
+    model = a.model or str(shipped_model_dir())
     prompts = out / "train_prompts.txt"
     atomic_write_text(prompts, "\n".join(world_prompts(512, "train", cfg.seed)) + "\n")
     t0 = time.perf_counter()
