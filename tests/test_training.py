@@ -153,10 +153,11 @@ def test_nonfinite_loss_stops_with_the_step_or_skips(tiny_sd, prompts_file, tmp_
     assert res.steps == 4 and np.isfinite(res.final_loss)
 
 
-def test_full_weight_offset_and_generation(tiny_sd, prompts_file, tmp_path):
+@pytest.mark.parametrize("teacher", ["ema", "frozen"])
+def test_full_weight_offset_and_generation(tiny_sd, prompts_file, tmp_path, teacher):
     from selfnpo.generate import GenerateConfig, generate
 
-    res = train_tiny(tiny_sd, tmp_path / "run", prompts_file, train="full", steps=1, lr=1e-3)
+    res = train_tiny(tiny_sd, tmp_path / "run", prompts_file, train="full", steps=1, lr=1e-3, teacher=teacher)
     assert res.offset_path.name == "full_delta.safetensors"
     delta = load_file(str(res.offset_path))
     unet_params = dict(load_pipeline(tiny_sd, device="cpu", dtype="fp32").unet.named_parameters())

@@ -125,9 +125,10 @@ class TrainableOffset:
         if self.mode == "lora":
             return save_lora(self.model.pipe, unet, STUDENT, out_dir, meta)
         cur = unet.state_dict()
+        base = self.base if self.base is not None else self.teacher_net.state_dict()
         delta = {
-            k: (cur[k].detach().cpu().float() - self.base[k].float())
-            for k in self.base
+            k: cur[k].detach().cpu().float() - base[k].cpu().float()
+            for k in base
             if cur[k].is_floating_point()
         }
         path = Path(out_dir) / "full_delta.safetensors"
