@@ -243,12 +243,17 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
 
 
 def export_model(model_dir: Path, dest: Path) -> None:
-    """Copy a trained pipeline as fp16 safetensors (the form shipped in the package)."""
+    """Copy a trained pipeline with the UNet and VAE stored in fp16 (the form shipped in the package).
+
+    The text encoder stays fp32: transformers loads weights in their stored dtype while diffusers
+    loads fp32, and a plain ``from_pretrained(folder)`` must give one dtype throughout.
+    """
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
         str(model_dir), safety_checker=None, requires_safety_checker=False
     )
-    pipe.to(torch.float16)
+    pipe.unet.to(torch.float16)
+    pipe.vae.to(torch.float16)
     with atomic_dir(dest) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
