@@ -172,13 +172,13 @@ def frechet_distance(x: ArrayLike, y: ArrayLike) -> float:
 def frechet_ci(
     x: ArrayLike, y: ArrayLike, n_boot: int = 100, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float]:
-    """Frechet distance with a basic (reverse-percentile) bootstrap interval, resampling rows of
-    x and y independently: ``(2 fd - q_hi, 2 fd - q_lo)``.
+    """Frechet distance with a bias-shifted percentile bootstrap interval, resampling rows of x
+    and y independently: ``(q_lo - b, q_hi - b)`` with ``b = mean(boot) - fd``.
 
     Resamples repeat rows, which inflates FD (the finite-sample bias, roughly tr(Sx)/N +
-    tr(Sy)/M, grows); the reverse-percentile interval cancels that shift to first order, where a
-    plain percentile interval would sit above the estimate. Only FDs computed with equal N and M
-    are comparable. Returns (fd, lo, hi); lo is clipped at 0.
+    tr(Sy)/M, grows), so a plain percentile interval sits above the estimate; shifting the
+    bootstrap distribution by its mean excess keeps its spread and centres it on the estimate.
+    Only FDs computed with equal N and M are comparable. Returns (fd, lo, hi); lo is clipped at 0.
     """
     _check_boot(n_boot, level)
     x_arr, y_arr = _as_features(x, "x"), _as_features(y, "y")
@@ -191,4 +191,5 @@ def frechet_ci(
         yb = y_arr[rng.integers(0, y_arr.shape[0], y_arr.shape[0])]
         boots[i] = _frechet_from_stats(*_mean_cov(xb), *_mean_cov(yb))
     q_lo, q_hi = _percentile_interval(boots, level)
-    return fd, max(0.0, 2 * fd - q_hi), 2 * fd - q_lo
+    shift = float(boots.mean()) - fd
+    return fd, max(0.0, q_lo - shift), q_hi - shift

@@ -40,14 +40,29 @@ def real_features(classifier, scenes) -> np.ndarray:
         return classifier.features(images_to_tensor(images)).numpy().astype(np.float64)
 
 
+FRECHET_DIMS = 16
+
+
+def pca_basis(real: np.ndarray, k: int = FRECHET_DIMS) -> np.ndarray:
+    """``[D, k]`` top principal directions of the real features.
+
+    The Frechet distance is computed in this space: with tens of images and 320-dimensional
+    features the covariances would be singular and the distance mostly estimation noise.
+    """
+    _, _, vt = np.linalg.svd(real - real.mean(0), full_matrices=False)
+    return vt[: min(k, vt.shape[0])].T
+
+
 def summarise(s: Scores, real: np.ndarray, base: Scores | None, seed: int = 0) -> dict:
-    """Means with bootstrap intervals, Frechet distance to real renders, win rate over ``base``."""
+    """Means with bootstrap intervals, Frechet distance to real renders (in the top-16 PCA space of
+    the real features), win rate over ``base``."""
     from .stats import bootstrap_mean_ci, frechet_ci, win_rate
 
+    basis = pca_basis(real)
     out = {
         "alignment": list(bootstrap_mean_ci(s.aligned.astype(np.float64), seed=seed)),
         "reward": list(bootstrap_mean_ci(s.reward, seed=seed)),
-        "frechet": list(frechet_ci(s.features, real, seed=seed)),
+        "frechet": list(frechet_ci(s.features @ basis, real @ basis, seed=seed)),
     }
     if base is not None:
         out["win_rate_reward"] = list(win_rate(s.reward, base.reward, seed=seed))
