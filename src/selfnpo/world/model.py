@@ -71,7 +71,7 @@ class PretrainConfig:
 
     output_dir: str = opt("runs/pretrain", "run folder; the finished pipeline is written to OUTPUT_DIR/model")
     vae_steps: int = opt(3000, "autoencoder training steps")
-    unet_steps: int = opt(2500, "UNet training steps")
+    unet_steps: int = opt(5000, "UNet training steps")
     vae_batch_size: int = opt(16, "images per autoencoder step")
     batch_size: int = opt(32, "images per UNet step")
     vae_lr: float = opt(1e-3, "autoencoder learning rate")
