@@ -149,7 +149,7 @@ def train_vae(pipe, cfg: PretrainConfig, run: Path, progress: bool) -> None:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
             t, js = optimizer_to_flat(opt_)
             t.update({f"p.{i}": p for i, p in enumerate(params)}, rng=g.get_state())
-            save_checkpoint(ck, step + 1, t, {"optimizer": js, "loss": float(loss)}, keep=2)
+            save_checkpoint(ck, step + 1, t, {"optimizer": js, "loss": float(loss.detach())}, keep=2)
     vae.eval()
 
 
