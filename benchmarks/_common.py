@@ -89,15 +89,10 @@ def build_pipeline(quick: bool, workdir: Path, seed: int = 0):
     to 64x64 latents (16x16 with ``quick``), but tiny widths: it is never run in a measured region.
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
-    from selfnpo.models.tiny import write_tiny_vocab
+    from selfnpo.models.tiny import autoencoder, sd_scheduler, text_encoder, write_tiny_vocab
 
     ucfg = unet_config(quick)
     tok_dir = write_tiny_vocab(Path(workdir) / "tokenizer")
@@ -105,42 +100,13 @@ def build_pipeline(quick: bool, workdir: Path, seed: int = 0):
     vocab = len(tok)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**ucfg)
-    torch.manual_seed(seed + 1)
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab,
-            hidden_size=ucfg["cross_attention_dim"],
-            intermediate_size=ucfg["cross_attention_dim"] * 4,
-            num_hidden_layers=1,
-            num_attention_heads=12 if not quick else 2,
-            max_position_embeddings=77,
-            bos_token_id=vocab - 2,
-            eos_token_id=vocab - 1,
-            pad_token_id=vocab - 1,
-        )
+    hidden = ucfg["cross_attention_dim"]
+    te = text_encoder(
+        vocab, hidden, seed=seed + 1, layers=1, heads=12 if not quick else 2, intermediate=hidden * 4
     )
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=ucfg["sample_size"] * 8,
-    )
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-        timestep_spacing="trailing",
-    )
+    vae = autoencoder((8, 8, 8, 8), 4, ucfg["sample_size"] * 8, norm_groups=4)
+    sched = sd_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=te,

@@ -61,16 +61,25 @@ def write_clip_vocab(out_dir: str | Path) -> Path:
     return out
 
 
-def _text_encoder(vocab_size: int, hidden: int, projection: int | None, seed: int):
+def text_encoder(
+    vocab_size: int,
+    hidden: int,
+    projection: int | None = None,
+    seed: int = 0,
+    layers: int = 2,
+    heads: int = 2,
+    intermediate: int | None = None,
+):
+    """A random ``CLIPTextModel`` (``CLIPTextModelWithProjection`` when ``projection`` is given)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        intermediate_size=intermediate or hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         projection_dim=projection or hidden,
         bos_token_id=vocab_size - 2,
@@ -78,6 +87,41 @@ def _text_encoder(vocab_size: int, hidden: int, projection: int | None, seed: in
         pad_token_id=vocab_size - 1,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def autoencoder(
+    channels: tuple[int, ...], latent_channels: int, sample_size: int, norm_groups: int | None = None
+):
+    """A random ``AutoencoderKL`` with one level per entry of ``channels``."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=1,
+        norm_num_groups=norm_groups or min(8, channels[0]),
+        sample_size=sample_size,
+    )
+
+
+def sd_scheduler(prediction_type: str = "epsilon"):
+    """DDIM with Stable Diffusion's scaled-linear betas and trailing timestep spacing."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        timestep_spacing="trailing",
+    )
 
 
 def build_tiny_pipeline(
@@ -93,8 +137,6 @@ def build_tiny_pipeline(
 ):
     """A random-weight SD1.5-type (``kind="sd"``) or SDXL-type (``"sdxl"``) pipeline."""
     from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -128,29 +170,10 @@ def build_tiny_pipeline(
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_kw)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        layers_per_block=1,
-        norm_num_groups=min(8, vae_channels[0]),
-        sample_size=sample_size * 2 ** (len(vae_channels) - 1),
-    )
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-        timestep_spacing="trailing",
-    )
+    vae = autoencoder(vae_channels, latent_channels, sample_size * 2 ** (len(vae_channels) - 1))
+    sched = sd_scheduler(prediction_type)
     if kind == "sd":
-        te = _text_encoder(vocab, text_hidden, None, seed + 2)
+        te = text_encoder(vocab, text_hidden, None, seed + 2)
         return StableDiffusionPipeline(
             vae=vae,
             text_encoder=te,
@@ -161,8 +184,8 @@ def build_tiny_pipeline(
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    te1 = _text_encoder(vocab, text_hidden, None, seed + 2)
-    te2 = _text_encoder(vocab, text_hidden, text_hidden, seed + 3)
+    te1 = text_encoder(vocab, text_hidden, None, seed + 2)
+    te2 = text_encoder(vocab, text_hidden, text_hidden, seed + 3)
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=te1,
