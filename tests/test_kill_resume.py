@@ -7,19 +7,30 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-# Runs the CLI in a fresh process; SELFNPO_DIE_AT_SAVE=N makes the N-th safetensors save of this
-# process write its file and then SIGKILL the process before anything renames it into place.
+# Runs the CLI in a fresh process. Fault injection, for deterministic kill moments:
+# SELFNPO_DIE_AT_SAVE=N: the N-th checkpoint save of this process writes its file, then the
+# process SIGKILLs itself before anything renames it into place; SELFNPO_DIE_AT_STEP=N: the
+# process SIGKILLs itself as its N-th training step begins.
 RUNNER = """
 import os, signal, sys
 import torch
 torch.set_num_threads(1)
+m = int(os.environ.get("SELFNPO_DIE_AT_STEP", "0"))
+if m:
+    import selfnpo.training.loop as lp
+    real_step, steps = lp._one_step, {"k": 0}
+    def die_at_step(*a, **k):
+        steps["k"] += 1
+        if steps["k"] == m:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(*a, **k)
+    lp._one_step = die_at_step
 n = int(os.environ.get("SELFNPO_DIE_AT_SAVE", "0"))
 if n:
     import safetensors.torch as st
@@ -74,7 +85,7 @@ def test_train_killed_at_many_moments_ends_bit_identical(runner, tmp_path, tiny_
         "--prompts",
         prompts_file,
         "--steps",
-        "8",
+        "12",
         "--batch-size",
         "2",
         "--pool-size",
@@ -91,14 +102,21 @@ def test_train_killed_at_many_moments_ends_bit_identical(runner, tmp_path, tiny_
     subprocess.run(_cmd(runner, *args, "--output-dir", str(ref)), env=_env(), check=True, capture_output=True)
     run = tmp_path / "run"
     cmd = _cmd(runner, *args, "--output-dir", str(run))
-    kills = 0
-    for n in (1, 3, 2, 4):  # SIGKILL inside a checkpoint write (file written, folder not yet renamed)
-        rc = subprocess.run(cmd, env=_env(SELFNPO_DIE_AT_SAVE=str(n)), capture_output=True).returncode
-        kills += rc == -signal.SIGKILL
-    t0 = time.perf_counter()
-    for delay in (0.3, 2.0, 3.5, 4.5, 5.5, 7.0):  # SIGKILL from outside: start-up, pool, training steps
-        kills += _run_killed_after(cmd, delay) == -signal.SIGKILL
-    assert kills >= 10, f"only {kills} of 10 runs were killed ({time.perf_counter() - t0:.0f} s)"
+    # from outside, early: during start-up (imports take seconds) and the pool generation
+    for delay in (0.3, 1.5):
+        _run_killed_after(cmd, delay)
+    killed = []
+    # inside a checkpoint write (file written, folder not yet renamed): progress 0, 2, 3, 6 steps
+    for n in (1, 3, 2, 4):
+        killed.append(
+            subprocess.run(cmd, env=_env(SELFNPO_DIE_AT_SAVE=str(n)), capture_output=True).returncode
+        )
+    # as a training step begins: progress 0 or 1 step each, 8 of the 12 steps in all
+    for m in (1, 2, 1, 2, 1, 1):
+        killed.append(
+            subprocess.run(cmd, env=_env(SELFNPO_DIE_AT_STEP=str(m)), capture_output=True).returncode
+        )
+    assert killed == [-signal.SIGKILL] * 10, killed
     subprocess.run(cmd, env=_env(), check=True, capture_output=True)
     a = _weights(ref / "offset" / "pytorch_lora_weights.safetensors")
     b = _weights(run / "offset" / "pytorch_lora_weights.safetensors")
