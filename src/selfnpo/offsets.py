@@ -31,6 +31,14 @@ def lora_layers(module: nn.Module, adapter: str) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, LoraLayer) and adapter in m.scaling]
 
 
+def _set_active(layer: nn.Module, active: list[str]) -> None:
+    """``layer.set_adapter(active)`` without its side effect of flipping ``requires_grad``."""
+    grads = {n: p.requires_grad for n, p in layer.named_parameters()}
+    layer.set_adapter(active)
+    for n, p in layer.named_parameters():
+        p.requires_grad_(grads.get(n, False))
+
+
 def activate_adapters(module: nn.Module, names: list[str]) -> None:
     """Make ``names`` active in every LoRA layer, keeping adapters that are already active.
 
@@ -42,11 +50,7 @@ def activate_adapters(module: nn.Module, names: list[str]) -> None:
         if isinstance(m, LoraLayer):
             present = [n for n in names if n in m.scaling]
             if present:
-                keep = [a for a in m.active_adapters if a not in present]
-                grads = {n: p.requires_grad for n, p in m.named_parameters()}
-                m.set_adapter(keep + present)
-                for n, p in m.named_parameters():  # set_adapter flips requires_grad; undo that
-                    p.requires_grad_(grads.get(n, False))
+                _set_active(m, [a for a in m.active_adapters if a not in present] + present)
 
 
 def deactivate_adapters(module: nn.Module, names: list[str]) -> None:
@@ -55,10 +59,7 @@ def deactivate_adapters(module: nn.Module, names: list[str]) -> None:
 
     for m in module.modules():
         if isinstance(m, LoraLayer) and any(n in m.active_adapters for n in names):
-            grads = {n: p.requires_grad for n, p in m.named_parameters()}
-            m.set_adapter([a for a in m.active_adapters if a not in names])
-            for n, p in m.named_parameters():
-                p.requires_grad_(grads.get(n, False))
+            _set_active(m, [a for a in m.active_adapters if a not in names])
 
 
 @contextlib.contextmanager

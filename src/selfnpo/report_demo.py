@@ -27,11 +27,7 @@ def _row(r: dict) -> list:
 
 def _curve_plots(m: dict) -> list[Plot]:
     g = m["config"]["default_guidance"]
-    base = (
-        next(r for r in m["sweep"] if r["guidance_scale"] == g and r["beta"] == 0.0)
-        if any(r["guidance_scale"] == g and r["beta"] == 0.0 for r in m["sweep"])
-        else None
-    )
+    base = next((r for r in m["sweep"] if r["guidance_scale"] == g and r["beta"] == 0.0), None)
     plots = []
     for key, label in METRICS:
         series = {"Self-NPO (beta=1)": [(c["step"], *c[key]) for c in m["curve"]]}
