@@ -1,10 +1,13 @@
 """How good the shipped world model is: autoencoder reconstructions and prompt following.
 
-Prints the classifier's alignment on VAE reconstructions of fresh renders, and the base model's
-strict alignment and mean reward at several guidance scales on training-split and held-out
-prompts (same seeds for every setting).
+Prints the classifier's alignment on VAE reconstructions of fresh renders, and the model's
+strict alignment, mean reward and per-attribute accuracies at several guidance scales on
+training-split and held-out prompts (same seeds for every setting). The per-attribute columns
+read the classifier's decoded scene: the object count is right; some object has the first
+stated object's shape and colour together, its shape, its colour; the background colour is
+right (over prompts that state one).
 
-    python benchmarks/world_model_quality.py
+    python benchmarks/world_model_quality.py [--model FOLDER]
 """
 
 from __future__ import annotations
@@ -16,17 +19,38 @@ import torch
 
 from selfnpo.demo import generate_uint8
 from selfnpo.models.loading import load_pipeline
-from selfnpo.world.classifier import alignment, images_to_tensor, load_classifier, reward
+from selfnpo.world.captions import parse_caption
+from selfnpo.world.classifier import alignment, decode, images_to_tensor, load_classifier, reward
 from selfnpo.world.model import images_to_unit, shipped_model_dir, world_batch, world_prompts
+
+
+@torch.no_grad()
+def attribute_accuracy(clf, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """Fractions of images whose decoded scene gets each attribute of the prompt right."""
+    scenes = decode(clf(images))
+    hits = dict(count=0, first=0, shape=0, colour=0, background=0)
+    n_bg = 0
+    for text, scene in zip(prompts, scenes, strict=True):
+        lab = parse_caption(text)
+        o = lab.objects[0]
+        hits["count"] += len(scene.objects) == len(lab.objects)
+        hits["first"] += any(s.shape == o.shape and s.colour == o.colour for s in scene.objects)
+        hits["shape"] += any(s.shape == o.shape for s in scene.objects)
+        hits["colour"] += any(s.colour == o.colour for s in scene.objects)
+        if lab.background is not None:
+            n_bg += 1
+            hits["background"] += scene.background == lab.background
+    return {k: v / (max(n_bg, 1) if k == "background" else len(prompts)) for k, v in hits.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(shipped_model_dir()), help="pipeline folder (default: shipped)")
     ap.add_argument("--n", type=int, default=64, help="images per setting")
     ap.add_argument("--guidance-scales", default="1,3,6")
     ap.add_argument("--steps", type=int, default=10)
     a = ap.parse_args()
-    pipe = load_pipeline(str(shipped_model_dir()), device="cpu", dtype="fp32")
+    pipe = load_pipeline(a.model, device="cpu", dtype="fp32")
     clf = load_classifier()
     caps, ims = world_batch(np.random.default_rng(123), 128, "any")
     x = images_to_unit(ims)
@@ -36,14 +60,21 @@ def main() -> None:
         f"alignment on 128 VAE reconstructions: {alignment(clf, rec, caps).float().mean():.3f} "
         f"(on the renders themselves: {alignment(clf, x, caps).float().mean():.3f})"
     )
-    print("| split | g | strict alignment | mean reward |\n|---|---|---|---|")
+    print(
+        "| split | g | strict alignment | mean reward | count | first object | its shape | its colour"
+        " | background |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for split in ("train", "heldout"):
         prompts = world_prompts(a.n, split, 5)
         for g in (float(v) for v in a.guidance_scales.split(",")):
             imgs = images_to_tensor(generate_uint8(pipe, prompts, list(range(a.n)), g, a.steps))
             with torch.no_grad():
                 r = reward(clf, imgs, prompts).mean()
-            print(f"| {split} | {g:g} | {alignment(clf, imgs, prompts).float().mean():.3f} | {r:.1f} |")
+            acc = attribute_accuracy(clf, imgs, prompts)
+            cols = " | ".join(f"{acc[k]:.3f}" for k in ("count", "first", "shape", "colour", "background"))
+            print(
+                f"| {split} | {g:g} | {alignment(clf, imgs, prompts).float().mean():.3f} | {r:.1f} | {cols} |"
+            )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,44 @@ def _cmd_demo(ns: argparse.Namespace) -> None:
     run_demo(config_from_args(DemoConfig, ns), progress=(lambda s: None) if ns.quiet else print)
 
 
+def _cmd_pairs(ns: argparse.Namespace) -> None:
+    from .preference.build import PairsConfig, build_pairs
+
+    path = build_pairs(config_from_args(PairsConfig, ns), progress=not ns.quiet)
+    print(f"preference pairs written to {path}")
+
+
+def _cmd_import_pickapic(ns: argparse.Namespace) -> None:
+    from .preference.pickapic import PickapicConfig, convert_pickapic
+
+    print(f"preference pairs written to {convert_pickapic(config_from_args(PickapicConfig, ns))}")
+
+
+def _cmd_merge(ns: argparse.Namespace) -> None:
+    from .algebra import MergeConfig, merge_offsets, parse_offsets
+
+    cfg = config_from_args(MergeConfig, ns).validate()
+    out = merge_offsets(cfg.model, parse_offsets(cfg.offsets), cfg.output_dir, dtype=cfg.dtype)
+    print(f"merged model written to {out}")
+
+
+def _cmd_sweep(ns: argparse.Namespace) -> None:
+    from .sweep import SweepConfig, run_sweep
+
+    run_sweep(config_from_args(SweepConfig, ns), progress=(lambda s: None) if ns.quiet else print)
+
+
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
+    "pairs": (
+        "selfnpo.preference.build:PairsConfig",
+        "build preference pairs for a model by reward feedback (for dpo / dpo_npo)",
+        _cmd_pairs,
+    ),
+    "import-pickapic": (
+        "selfnpo.preference.pickapic:PickapicConfig",
+        "convert a local Pick-a-Pic parquet copy into a preference pair folder",
+        _cmd_import_pickapic,
+    ),
     "train": (
         "selfnpo.training.config:TrainConfig",
         "train a Self-NPO negative offset (or a baseline)",
@@ -87,6 +124,16 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
         "selfnpo.world.model:PretrainConfig",
         "reproduce the embedded world model from scratch",
         _cmd_pretrain,
+    ),
+    "merge": (
+        "selfnpo.algebra:MergeConfig",
+        "merge weight offsets into a standalone diffusers model folder",
+        _cmd_merge,
+    ),
+    "sweep": (
+        "selfnpo.sweep:SweepConfig",
+        "evaluate a grid of (alpha, beta, guidance scale) on the world model, with heat maps",
+        _cmd_sweep,
     ),
 }
 

@@ -134,13 +134,23 @@ class EvalBench:
         self.images: dict[tuple, np.ndarray] = {}
         self.scores: dict[tuple, object] = {}
 
-    def run(self, key: tuple, g: float, offset: Path | None, beta: float):
-        """Generate and score one setting (``offset=None`` or ``beta=0``: the base model)."""
+    def run(
+        self,
+        key: tuple,
+        g: float,
+        offset: Path | None,
+        beta: float,
+        positive: Path | None = None,
+        alpha: float = 0.0,
+    ):
+        """Generate and score one setting (``offset=None`` or ``beta=0``: no negative offset;
+        ``positive``: a positive offset eta on the conditional branch, ``alpha`` of it on the negative)."""
         from .evaluation.world_eval import score_images
         from .npo import NPOGuidance
 
         if key not in self.scores:
-            with NPOGuidance(self.pipe, negative=offset if beta else None, beta=beta):
+            neg = offset if beta else None
+            with NPOGuidance(self.pipe, negative=neg, positive=positive, alpha=alpha, beta=beta):
                 ims = generate_uint8(self.pipe, self.prompts, self.seeds, g, self.cfg.sample_steps)
             self.images[key] = ims
             self.scores[key] = score_images(self.classifier, ims, self.prompts)

@@ -27,6 +27,7 @@ SCHEDULERS = (
     "LMSDiscreteScheduler",
     "DDPMScheduler",
     "HeunDiscreteScheduler",
+    "R0Scheduler",
 )
 
 
@@ -48,6 +49,9 @@ class GenerateConfig:
     negative_prompt: str = opt("", "negative prompt for the negative branch")
     steps: int = opt(25, "sampling steps")
     scheduler: str = opt("", f"scheduler class to use instead of the model's own ({', '.join(SCHEDULERS)})")
+    r0_eta: float = opt(
+        1.0, "with --scheduler R0Scheduler: fixed eta of R0's generator step (1 = deterministic DDIM)"
+    )
     num_images_per_prompt: int = opt(1, "images per prompt")
     batch_size: int = opt(8, "images per pipeline call")
     seed: int = opt(0, "image i uses seed + i")
@@ -76,6 +80,7 @@ class GenerateConfig:
                 f"unknown --scheduler {self.scheduler!r}",
             ),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+            (0.0 <= self.r0_eta <= 1.0, "--r0-eta must be in [0, 1]"),
             (
                 abs(self.alpha) <= 10 and abs(self.beta) <= 10,
                 "--alpha and --beta must be in [-10, 10]",
@@ -127,7 +132,12 @@ def generate(cfg: GenerateConfig, pipe=None, progress: bool = True) -> list[dict
     out = _prepare_output(cfg)
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    if cfg.scheduler:
+    if cfg.scheduler == "R0Scheduler":  # R0's few-step generator (docs/ddspo_r0.md)
+        from .objectives.r0 import R0Scheduler
+
+        pipe.scheduler = R0Scheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        pipe.scheduler.r0_eta = cfg.r0_eta
+    elif cfg.scheduler:
         pipe.scheduler = getattr(diffusers, cfg.scheduler).from_config(pipe.scheduler.config)
     npo = NPOGuidance(
         pipe,

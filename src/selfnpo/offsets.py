@@ -80,16 +80,26 @@ def adapter_scales(module: nn.Module, scales: Mapping[str, float]) -> Iterator[N
             table[name] = value
 
 
+def canonical_params(module: nn.Module) -> dict[str, tuple[str, Tensor]]:
+    """Parameters by their name in the plain model -> (current name, tensor).
+
+    peft wraps a LoRA-carrying layer, renaming ``to_q.weight`` to ``to_q.base_layer.weight``;
+    full-weight offsets always use the plain names, so they apply with or without LoRAs loaded.
+    """
+    return {n.replace(".base_layer.", "."): (n, p) for n, p in module.named_parameters()}
+
+
 def full_delta_call(module: nn.Module, deltas: list[tuple[Mapping[str, Tensor], float]], *args, **kw):
     """Call ``module`` with parameters ``theta + sum_i c_i * delta_i`` (nothing is modified)."""
-    params = dict(module.named_parameters())
+    current = canonical_params(module)
     merged: dict[str, Tensor] = {}
     for delta, c in deltas:
         if c == 0:
             continue
         for k, d in delta.items():
-            base = merged.get(k, params[k])
-            merged[k] = base + c * d.to(base.device, base.dtype)
+            name, p = current[k]
+            base = merged.get(name, p)
+            merged[name] = base + c * d.to(base.device, base.dtype)
     if not merged:
         return module(*args, **kw)
     return torch.func.functional_call(module, merged, args, kw, strict=False)
@@ -139,7 +149,7 @@ def load_full_delta(path: str | Path, unet: nn.Module) -> dict[str, Tensor]:
     """Read a full-weight offset and check it against ``unet``'s parameter names and shapes."""
     p = resolve_offset_file(path)
     delta = load_file(str(p))
-    params = dict(unet.named_parameters())
+    params = {k: t for k, (_, t) in canonical_params(unet).items()}
     for k, v in delta.items():
         if k not in params:
             raise SelfNPOError(f"{p}: offset holds {k!r}, which this model does not have (wrong model?)")

@@ -49,3 +49,23 @@ def ddim_sample(model: DiffusionModel, f: BoundDenoiser, noise: Tensor, grid: Te
         a, s = model.coeffs(torch.full_like(t, ts[i + 1]), x)
         x = ddim_step(x0, eps, a, s)
     return x
+
+
+def ddim_sample_grad(
+    model: DiffusionModel, f: BoundDenoiser, noise: Tensor, grid: Tensor, grad_steps: int
+) -> Tensor:
+    """:func:`ddim_sample` with gradients through the last ``grad_steps`` network calls only
+    (DRaFT-K truncated backpropagation); earlier steps run without a graph."""
+    x = noise
+    ts = grid.flip(0).tolist()
+    for i, t_cur in enumerate(ts):
+        with torch.set_grad_enabled(i >= len(ts) - grad_steps):
+            t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.long)
+            pred = f(x, t)
+            x0 = model.x0_of(pred, x, t)
+            if i + 1 == len(ts):
+                return x0
+            eps = model.eps_of(pred, x, t)
+            a, s = model.coeffs(torch.full_like(t, ts[i + 1]), x)
+            x = ddim_step(x0, eps, a, s)
+    return x

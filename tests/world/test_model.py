@@ -11,7 +11,18 @@ from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from selfnpo import cli
-from selfnpo.world.model import PretrainConfig, pretrain, shipped_model_dir
+from selfnpo.errors import SelfNPOError
+from selfnpo.world.captions import caption_with_labels
+from selfnpo.world.model import (
+    LABEL_SLOTS,
+    LabelReadout,
+    PretrainConfig,
+    caption_batch,
+    label_targets,
+    pretrain,
+    shipped_model_dir,
+)
+from selfnpo.world.render import sample_scene
 
 
 def test_shipped_model_loads_in_plain_diffusers_and_draws():
@@ -34,19 +45,52 @@ def test_shipped_model_loads_in_plain_diffusers_and_draws():
     assert tok("a photo")["input_ids"] == [49406, 320, 1125, 49407]  # the real CLIP BPE
 
 
+def test_label_targets_state_exactly_what_the_caption_says():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        text, labels = caption_with_labels(sample_scene(rng, "train"), rng)
+        t = dict(zip([name for name, _ in LABEL_SLOTS], label_targets(labels), strict=True))
+        classes = dict(LABEL_SLOTS)
+        assert classes["colour0"][t["colour0"]] == labels.objects[0].colour
+        assert classes["shape0"][t["shape0"]] in text
+        assert classes["count"][t["count"]] == str(len(labels.objects))
+        unstated = classes["background"][t["background"]] == "-"
+        assert unstated == (labels.background is None)
+        if len(labels.objects) == 1:
+            assert classes["shape1"][t["shape1"]] == "-"
+    caps, targets = caption_batch(rng, 3)
+    logits = LabelReadout(8)(torch.randn(3, 77, 8))
+    assert len(caps) == 3 and targets.shape == (3, len(LABEL_SLOTS))
+    assert [lg.shape for lg in logits] == [(3, len(c)) for _, c in LABEL_SLOTS]
+
+
 def test_pretrain_smoke_and_resume(tmp_path):
-    cfg = dict(vae_steps=2, unet_steps=2, batch_size=2, vae_batch_size=2, checkpoint_every=1)
+    cfg = dict(
+        vae_steps=2,
+        text_steps=2,
+        unet_steps=2,
+        batch_size=2,
+        vae_batch_size=2,
+        text_batch_size=4,
+        checkpoint_every=1,
+    )
     model = pretrain(PretrainConfig(output_dir=str(tmp_path / "a"), **cfg), progress=False)
     pipe = StableDiffusionPipeline.from_pretrained(str(model))
     assert pipe.unet.config.sample_size == 16
+    assert all(b.startswith("CrossAttn") for b in pipe.unet.config.down_block_types)  # every level
+    assert (tmp_path / "a" / "text" / "heldout_accuracy.json").is_file()
+    with pytest.raises(SelfNPOError, match="text_steps"):
+        pretrain(PretrainConfig(output_dir=str(tmp_path / "a"), resume=True, **{**cfg, "text_steps": 3}))
     half = pretrain(
         PretrainConfig(output_dir=str(tmp_path / "b"), **{**cfg, "unet_steps": 1}), progress=False
     )
     assert half.is_dir()
     resumed = pretrain(PretrainConfig(output_dir=str(tmp_path / "b"), resume=True, **cfg), progress=False)
-    a = StableDiffusionPipeline.from_pretrained(str(model)).unet.state_dict()
-    b = StableDiffusionPipeline.from_pretrained(str(resumed)).unet.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    pa = StableDiffusionPipeline.from_pretrained(str(model))
+    pb = StableDiffusionPipeline.from_pretrained(str(resumed))
+    for part in ("unet", "text_encoder"):
+        a, b = getattr(pa, part).state_dict(), getattr(pb, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_demo_quick_writes_a_well_formed_report(tmp_path, capsys):

@@ -26,6 +26,7 @@ from ..io import atomic_path, atomic_write_text
 
 __all__ = [
     "Grid",
+    "Heatmap",
     "Plot",
     "Report",
     "Table",
@@ -34,6 +35,7 @@ __all__ = [
     "grid_image",
     "metrics_json",
     "render_html",
+    "svg_heatmap",
     "svg_line_plot",
     "write_report",
 ]
@@ -97,6 +99,29 @@ class Grid:
 
 
 @dataclass
+class Heatmap:
+    """A matrix of numbers over two axes, drawn as coloured cells with each value written in.
+
+    ``values[i][j]`` belongs to row ``rows[i]`` and column ``cols[j]``; NaN marks a missing cell.
+    Darker is better: ``higher_is_better=False`` for distances.
+    """
+
+    title: str
+    row_label: str
+    col_label: str
+    rows: list[str]
+    cols: list[str]
+    values: list[list[float]]
+    higher_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.values) != len(self.rows) or any(len(r) != len(self.cols) for r in self.values):
+            raise ValueError(
+                f"heatmap {self.title!r}: values must be {len(self.rows)} rows of {len(self.cols)} numbers"
+            )
+
+
+@dataclass
 class Report:
     """Everything a report shows; ``metrics`` goes to metrics.json verbatim (made JSON-safe)."""
 
@@ -105,6 +130,7 @@ class Report:
     tables: list[Table] = field(default_factory=list)
     plots: list[Plot] = field(default_factory=list)
     grids: list[Grid] = field(default_factory=list)
+    heatmaps: list[Heatmap] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -334,6 +360,61 @@ def svg_line_plot(plot: Plot, width: int = 420, height: int = 280) -> str:
     return "\n".join(parts)
 
 
+def _cell_colour(t: float) -> str:
+    """White (t=0, worst) to dark blue (t=1, best)."""
+    lo, hi = (247, 251, 255), (8, 69, 148)
+    return "#" + "".join(f"{round(a + t * (b - a)):02x}" for a, b in zip(lo, hi, strict=True))
+
+
+def svg_heatmap(hm: Heatmap, cell_w: int = 64, cell_h: int = 30) -> str:
+    """An inline SVG heat map: one cell per value with the number written in it, axes labelled."""
+    vals = np.asarray(hm.values, dtype=np.float64).reshape(len(hm.rows), len(hm.cols))
+    finite = vals[np.isfinite(vals)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    left = 30 + 7 * max((len(r) for r in hm.rows), default=1)
+    top = 44 + 14
+    width = max(left + cell_w * len(hm.cols) + 10, 7 * len(hm.title) + 20)
+    height = top + cell_h * len(hm.rows) + 34
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" font-family="sans-serif">',
+        f"<title>{_esc(hm.title)}</title>",
+        f'<text x="{width / 2:.1f}" y="15" font-size="13" text-anchor="middle">{_esc(hm.title)}</text>',
+        f'<text x="{left + cell_w * len(hm.cols) / 2:.1f}" y="34" font-size="11" '
+        f'text-anchor="middle">{_esc(hm.col_label)}</text>',
+        f'<text x="12" y="{top + cell_h * len(hm.rows) / 2:.1f}" font-size="11" text-anchor="middle" '
+        f'transform="rotate(-90 12 {top + cell_h * len(hm.rows) / 2:.1f})">{_esc(hm.row_label)}</text>',
+    ]
+    for j, c in enumerate(hm.cols):
+        x = left + (j + 0.5) * cell_w
+        parts.append(f'<text x="{x:.1f}" y="{top - 5}" font-size="10" text-anchor="middle">{_esc(c)}</text>')
+    for i, r in enumerate(hm.rows):
+        y = top + i * cell_h
+        parts.append(
+            f'<text x="{left - 5}" y="{y + cell_h / 2 + 3:.1f}" font-size="10" text-anchor="end">{_esc(r)}</text>'
+        )
+        for j in range(len(hm.cols)):
+            v = float(vals[i, j])
+            x = left + j * cell_w
+            if math.isfinite(v):
+                t = (v - lo) / (hi - lo) if hi > lo else 0.5
+                t = t if hm.higher_is_better else 1.0 - t
+                fill, ink = _cell_colour(t), ("#fff" if t > 0.55 else "#000")
+            else:
+                fill, ink = "#ddd", "#666"
+            parts.append(
+                f'<rect x="{x}" y="{y}" width="{cell_w}" height="{cell_h}" fill="{fill}" stroke="#fff"/>'
+            )
+            parts.append(
+                f'<text x="{x + cell_w / 2:.1f}" y="{y + cell_h / 2 + 4:.1f}" font-size="11" '
+                f'text-anchor="middle" fill="{ink}">{_esc(format_number(v))}</text>'
+            )
+    note = "darker = better" + ("" if hm.higher_is_better else " (lower)")
+    parts.append(f'<text x="{left}" y="{height - 8}" font-size="10" fill="#555">{_esc(note)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics.json
 
@@ -420,6 +501,7 @@ def render_html(report: Report) -> str:
     body += [f"<p>{_esc(p)}</p>" for p in report.paragraphs]
     body += [_table_html(t) for t in report.tables]
     body += [f"<figure>{svg_line_plot(p)}</figure>" for p in report.plots]
+    body += [f"<figure>{svg_heatmap(h)}</figure>" for h in report.heatmaps]
     body += [_grid_html(g) for g in report.grids]
     if report.metrics:
         body.append(f"<h2>Metrics</h2>\n<pre>{_esc(metrics_json(report.metrics))}</pre>")

@@ -125,7 +125,15 @@ class DiffusionModel:
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Scaled latents -> images in [-1, 1]."""
+        return self.decode_latents_grad(latents)
+
+    def decode_latents_grad(self, latents: Tensor) -> Tensor:
+        """:meth:`decode_latents` with gradients to the latents (reward objectives).
+
+        The clamp to [-1, 1] is a straight-through one, so saturated pixels still pass gradient.
+        """
         vae = self.pipe.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         lat = latents / vae.config.scaling_factor + shift
-        return vae.decode(lat.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+        img = vae.decode(lat.to(vae.device, vae.dtype)).sample.float()
+        return img + (img.clamp(-1, 1) - img).detach()

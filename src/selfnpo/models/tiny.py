@@ -134,8 +134,17 @@ def build_tiny_pipeline(
     latent_channels: int = 4,
     prediction_type: str = "epsilon",
     seed: int = 0,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    attention_heads: int | tuple[int, ...] = 8,
+    cross_attention_everywhere: bool = False,
 ):
-    """A random-weight SD1.5-type (``kind="sd"``) or SDXL-type (``"sdxl"``) pipeline."""
+    """A random-weight SD1.5-type (``kind="sd"``) or SDXL-type (``"sdxl"``) pipeline.
+
+    By default the first (full-resolution) UNet level has no attention. With
+    ``cross_attention_everywhere`` every level cross-attends to the text; the first level then
+    uses cross-attention only (no self-attention over all latent pixels, which is the costly part).
+    """
     from diffusers import (
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -145,8 +154,12 @@ def build_tiny_pipeline(
 
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
     vocab = len(tok)
-    down = tuple(["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (len(channels) - 1))
-    up = tuple(["CrossAttnUpBlock2D"] * (len(channels) - 1) + ["UpBlock2D"])
+    n = len(channels)
+    if cross_attention_everywhere:
+        down, up = ("CrossAttnDownBlock2D",) * n, ("CrossAttnUpBlock2D",) * n
+    else:
+        down = tuple(["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1))
+        up = tuple(["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"])
     unet_kw = dict(
         sample_size=sample_size,
         in_channels=latent_channels,
@@ -156,9 +169,11 @@ def build_tiny_pipeline(
         down_block_types=down,
         up_block_types=up,
         cross_attention_dim=text_hidden,
-        attention_head_dim=8,
+        attention_head_dim=attention_heads,  # diffusers' legacy name for the number of heads
         norm_num_groups=min(8, channels[0]),
     )
+    if cross_attention_everywhere:
+        unet_kw["only_cross_attention"] = (True,) + (False,) * (n - 1)
     if kind == "sdxl":
         unet_kw.update(
             cross_attention_dim=text_hidden * 2,
@@ -173,7 +188,7 @@ def build_tiny_pipeline(
     vae = autoencoder(vae_channels, latent_channels, sample_size * 2 ** (len(vae_channels) - 1))
     sched = sd_scheduler(prediction_type)
     if kind == "sd":
-        te = text_encoder(vocab, text_hidden, None, seed + 2)
+        te = text_encoder(vocab, text_hidden, None, seed + 2, layers=text_layers, heads=text_heads)
         return StableDiffusionPipeline(
             vae=vae,
             text_encoder=te,

@@ -21,22 +21,34 @@ Predict = Callable[[Tensor, Tensor, Cond], Tensor]
 
 @dataclass
 class Batch:
-    """Prompts, their conditioning on the training device, and clean latents when the source has them."""
+    """Prompts, their conditioning on the training device, and clean latents when the source has them.
+
+    Preference sources fill ``x0`` with the preferred (winning) latents and ``x0_l`` with the
+    dispreferred (losing) latents of the same prompts.
+    """
 
     prompts: list[str]
     cond: Cond
     x0: Tensor | None = None
+    x0_l: Tensor | None = None
 
 
 @dataclass
 class StepContext:
-    """What an objective may use: the model, the student (with grad) and the teacher (no grad)."""
+    """What an objective may use: the model, the student (with grad) and the teacher (no grad).
+
+    ``offset`` is the trained offset (:class:`selfnpo.training.offset.TrainableOffset`) for
+    objectives that regularise it; ``reward`` the configured reward for reward objectives.
+    For objectives registered with ``reference=True`` the teacher is the frozen base model.
+    """
 
     model: DiffusionModel
     student: Predict
     teacher: Predict
     config: object
     generator: torch.Generator
+    offset: object | None = None
+    reward: Callable[[Tensor, list[str]], Tensor] | None = None
 
     def randn(self, shape: tuple[int, ...]) -> Tensor:
         g = self.generator
@@ -62,18 +74,35 @@ class StepContext:
 
 Objective = Callable[[StepContext, Batch], Tensor]
 OBJECTIVES: dict[str, Objective] = {}
+# objectives whose teacher must be the frozen base model (a reference), whatever --teacher says
+REFERENCE_OBJECTIVES: set[str] = set()
+# objectives that call ctx.reward
+REWARD_OBJECTIVES: set[str] = set()
 
 
-def register(name: str) -> Callable[[Objective], Objective]:
+def register(
+    name: str, reference: bool = False, uses_reward: bool = False
+) -> Callable[[Objective], Objective]:
+    """Register an objective; ``reference``: it needs the frozen base as teacher; ``uses_reward``:
+    the loop builds ``ctx.reward`` from the config's ``reward`` name."""
+
     def deco(fn: Objective) -> Objective:
         OBJECTIVES[name] = fn
+        if reference:
+            REFERENCE_OBJECTIVES.add(name)
+        if uses_reward:
+            REWARD_OBJECTIVES.add(name)
         return fn
 
     return deco
 
 
+def _load_all() -> None:
+    from . import ddspo, diffusion, dpo, full_sim, r0, reward, tdft  # noqa: F401  (registration side effects)
+
+
 def get_objective(name: str) -> Objective:
-    from . import diffusion, full_sim, tdft  # noqa: F401  (registration side effects)
+    _load_all()
 
     if name not in OBJECTIVES:
         raise KeyError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")

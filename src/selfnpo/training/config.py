@@ -19,7 +19,11 @@ class TrainConfig:
     model: str = opt("", "diffusers model folder or hub id (SD1.5-type or SDXL-type pipeline)")
     prompts: str = opt("", "prompt file: .txt (one per line), .tsv with a Prompt column, or .jsonl")
     output_dir: str = opt("runs/selfnpo", "run folder (config, log, checkpoints, offset)")
-    objective: str = opt("tdft", "training objective: tdft (Self-NPO), full_sim (baseline), diffusion")
+    objective: str = opt(
+        "tdft",
+        "training objective by name: tdft (Self-NPO), full_sim (baseline), diffusion, dpo, dpo_npo "
+        "(reversed pairs), reward, reward_npo (1 - R), ddspo, r0, r0_plus",
+    )
     source: str = opt(
         "self",
         "where x_t' comes from: self (a pool the model generates from the prompts; data-free), "
@@ -77,12 +81,67 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run in --output-dir from its last checkpoint")
     overwrite: bool = opt(False, "replace an existing run folder")
     save_model: bool = opt(False, "also save the whole trained pipeline (used by pretrain)")
+    # --- preference and reward objectives: dpo, dpo_npo, reward, reward_npo (docs/preference.md) ---
+    pairs: str = opt(
+        "", "with --objective dpo / dpo_npo: preference pair file (pairs.jsonl; docs/preference.md)"
+    )
+    dpo_beta: float = opt(5000.0, "Diffusion-DPO beta (strength of the KL regularisation)")
+    dpo_beta_convention: str = opt(
+        "original",
+        "how beta enters the DPO loss: original (-0.5*beta*(model_diff - ref_diff), the Diffusion-DPO "
+        "code) or diffusers (beta*(ref_diff - model_diff), twice as strong at equal beta)",
+        choices=("original", "diffusers"),
+    )
+    reward: str = opt("world", "reward model by name (selfnpo.rewards; 'world' = the embedded world's)")
+    reward_steps: int = opt(10, "reward objectives: DDIM steps of the sampling rollout")
+    reward_grad_steps: int = opt(1, "reward objectives: K of DRaFT-K, gradient through the last K steps")
+    reward_guidance: float = opt(7.5, "reward objectives: guidance scale g of the rollout (1 = no CFG)")
+    # --- DDSPO and R0 (objectives ddspo, r0, r0_plus) ---
+    ddspo_variant: str = opt(
+        "paired",
+        "ddspo: where the losing images come from: paired (the reference's samples under c-, made on "
+        "the fly; the paper's main setting), unpaired (other prompts' images of the batch with c-; "
+        "'Not-paired'), random_positive (other prompts' images with their own prompts as c-)",
+        choices=("paired", "unpaired", "random_positive"),
+    )
+    ddspo_degrade: str = opt(
+        "random_removal",
+        "ddspo: prompt degradation c -> c-: random_removal, a .jsonl/.tsv file of rewrites (e.g. an "
+        "LLM's) or module:function",
+    )
+    ddspo_remove_low: float = opt(0.4, "ddspo random_removal: smallest fraction of tokens removed")
+    ddspo_remove_high: float = opt(0.7, "ddspo random_removal: largest fraction of tokens removed")
+    ddspo_targets: str = opt(
+        "reference",
+        "ddspo: score targets: reference (eq. 7) or noise (the forward noise: Diffusion-DPO on the same "
+        "(c, c-) pairs, the paper's D-DPO baseline)",
+        choices=("reference", "noise"),
+    )
+    ddspo_beta: float = opt(0.0, "ddspo: DPO beta of the score-space loss (0 = use --dpo-beta)")
+    ddspo_loser_steps: int = opt(
+        0, "ddspo paired: DDIM steps for the losing images under c- (0 = --grid-steps, like the pool)"
+    )
+    r0_rewards: str = opt(
+        "", "r0: weighted rewards 'name:weight,name:weight' (empty = --reward with weight 1)"
+    )
+    r0_steps: int = opt(4, "r0: K, steps of the generator (eq. 3.2) during training")
+    r0_cfg_weight: float = opt(1.0, "r0: weight of the implicit CFG reward (0 = off)")
+    r0_reg_weight: float = opt(1.0, "r0: weight of the weight regularisation ||W - W_0||^2 (eq. 3.3)")
+    r0_raw_grads: bool = opt(
+        False, "r0: sum the weighted raw reward gradients instead of normalising each to unit norm (eq. 3.5)"
+    )
+    r0_fixed_eta: bool = opt(
+        False, "r0: train with --r0-eta at every step instead of eta ~ U[0, 1] (eq. 3.4)"
+    )
+    r0_eta: float = opt(1.0, "r0: the fixed eta of --r0-fixed-eta (1 = deterministic DDIM)")
 
     def validate(self) -> TrainConfig:
         """Reject impossible settings with one-line errors."""
         if not self.model:
             raise SelfNPOError("--model is required")
-        if self.source != "images" and not self.prompts:
+        if self.objective in ("dpo", "dpo_npo") and not self.pairs:
+            raise SelfNPOError(f"--objective {self.objective} needs --pairs (a preference pair file)")
+        if self.source != "images" and not self.prompts and not self.pairs:
             raise SelfNPOError("--prompts is required")
         if self.source == "images" and not self.image_dir:
             raise SelfNPOError("--source images needs --image-dir")
@@ -107,10 +166,37 @@ class TrainConfig:
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+            (self.dpo_beta > 0, "--dpo-beta must be > 0"),
+            (self.reward_steps >= 1, "--reward-steps must be >= 1"),
+            (
+                1 <= self.reward_grad_steps <= self.reward_steps,
+                "--reward-grad-steps must be in 1..--reward-steps",
+            ),
+            (self.reward_guidance >= 1.0, "--reward-guidance must be >= 1"),
+            (
+                0.0 <= self.ddspo_remove_low <= self.ddspo_remove_high <= 1.0,
+                "--ddspo-remove-low/high must satisfy 0 <= low <= high <= 1",
+            ),
+            (self.ddspo_beta >= 0, "--ddspo-beta must be >= 0"),
+            (
+                self.objective not in ("ddspo", "ddspo_npo")
+                or self.ddspo_variant == "paired"
+                or self.batch_size >= 2,
+                f"--ddspo-variant {self.ddspo_variant} needs --batch-size >= 2",
+            ),
+            (0 <= self.ddspo_loser_steps <= 1000, "--ddspo-loser-steps must be in 0..1000"),
+            (1 <= self.r0_steps <= 1000, "--r0-steps must be in 1..1000"),
+            (self.r0_cfg_weight >= 0, "--r0-cfg-weight must be >= 0"),
+            (self.r0_reg_weight >= 0, "--r0-reg-weight must be >= 0"),
+            (0.0 <= self.r0_eta <= 1.0, "--r0-eta must be in [0, 1]"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise SelfNPOError(msg)
+        if self.objective in ("r0", "r0_plus"):
+            from ..objectives.r0 import parse_rewards
+
+            parse_rewards(self.r0_rewards, self.reward)
         from ..objectives.base import get_objective
 
         try:

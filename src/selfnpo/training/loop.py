@@ -22,13 +22,17 @@ from ..errors import SelfNPOError
 from ..io import atomic_dir, atomic_write_text, read_prompts, remove_stale_temps
 from ..models.loading import load_pipeline, resolve_model_class
 from ..models.sd import DiffusionModel
-from ..objectives.base import Batch, StepContext, get_objective
+from ..objectives.base import REWARD_OBJECTIVES, Batch, StepContext, get_objective
+from ..rewards import get_reward
 from .checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from .config import TrainConfig
 from .data import LatentPool, PromptSource, Source, encode_image_folder, generate_pool
 from .offset import TrainableOffset
 
 log = logging.getLogger(__name__)
+
+# objectives that generate their own samples from noise and need prompts only
+NO_DATA_OBJECTIVES = {"reward", "reward_npo", "r0", "r0_plus"}
 
 
 @dataclass
@@ -81,7 +85,11 @@ def make_source(
     run: Path,
     progress: bool,
 ) -> Source:
-    if cfg.source == "noise":
+    if cfg.pairs:
+        from ..preference.pairs import PairSource
+
+        return PairSource.load(cfg.pairs, model, cfg.resolution or model.default_resolution())
+    if cfg.source == "noise" or cfg.objective in NO_DATA_OBJECTIVES:
         return PromptSource(prompts)
     pool_file = run / "pool.safetensors"
     if pool_file.is_file():
@@ -120,7 +128,8 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
     from tqdm.auto import tqdm
 
     cfg.validate()
-    prompts = read_prompts(cfg.prompts) if (source is None and cfg.source != "images") else []
+    needs_prompts = source is None and cfg.source != "images" and not cfg.pairs
+    prompts = read_prompts(cfg.prompts) if needs_prompts else []
     if pipe is None:
         resolve_model_class(cfg.model)
     run, resuming = prepare_run_dir(cfg)
@@ -145,7 +154,8 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
         step = int(meta["step"])
         _trim_log(run, step)
     objective = get_objective(cfg.objective)
-    ctx = StepContext(model, offset.student, offset.teacher, cfg, gen)
+    reward = get_reward(cfg.reward, acc.device) if cfg.objective in REWARD_OBJECTIVES else None
+    ctx = StepContext(model, offset.student, offset.teacher, cfg, gen, offset=offset, reward=reward)
     t0, loss_val, nfe0 = time.perf_counter(), float("nan"), model.nfe
     bar = tqdm(
         total=cfg.steps,
@@ -183,7 +193,10 @@ def _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run)
         if cfg.caption_dropout > 0:
             drop = torch.rand(len(prompts), generator=gen, device=gen.device).tolist()
             prompts = ["" if u < cfg.caption_dropout else p for p, u in zip(prompts, drop, strict=True)]
-        batch = Batch(prompts, model.encode(prompts).to(acc.device), x0)
+        x0_l = None
+        if isinstance(x0, tuple):  # preference sources: (winners, losers)
+            x0, x0_l = x0
+        batch = Batch(prompts, model.encode(prompts).to(acc.device), x0, x0_l)
         sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(model.unet)
         with sync, acc.autocast():
             loss = objective(ctx, batch).mean() / cfg.grad_accum

@@ -29,7 +29,11 @@ class TrainableOffset:
     def __init__(self, model: DiffusionModel, cfg) -> None:
         self.model, self.cfg = model, cfg
         self.mode = cfg.train
-        self.decay = 1.0 if cfg.teacher == "frozen" else cfg.ema_decay
+        from ..objectives.base import REFERENCE_OBJECTIVES, get_objective
+
+        get_objective(getattr(cfg, "objective", "tdft"))  # registers objectives
+        frozen = cfg.teacher == "frozen" or getattr(cfg, "objective", "") in REFERENCE_OBJECTIVES
+        self.decay = 1.0 if frozen else cfg.ema_decay
         unet = model.unet
         unet.requires_grad_(False)
         if self.mode == "lora":
@@ -103,6 +107,31 @@ class TrainableOffset:
             return
         for tp, sp in self._pairs:
             tp.lerp_(sp.detach().to(tp.dtype), 1.0 - self.decay)
+
+    def sq_norm(self) -> Tensor:
+        """``||W - W_0||^2`` of the trained offset, differentiable (R0 eq. 3.3).
+
+        LoRA: the sum over layers of ``||scale * B @ A||_F^2`` of the student adapter, computed
+        as ``scale^2 * sum((B^T B) * (A A^T))`` (rank-sized matrices). Full weights: the sum of
+        ``(p - base)^2``; a frozen teacher is the base.
+        """
+        from ..offsets import lora_layers
+
+        unet = getattr(self.model.unet, "module", self.model.unet)  # unwrap a DDP wrapper
+        total = torch.zeros((), device=self.model.device)
+        if self.mode == "lora":
+            for layer in lora_layers(unet, STUDENT):
+                a = layer.lora_A[STUDENT].weight.flatten(1).float()  # [r, in * k * k]
+                b = layer.lora_B[STUDENT].weight.flatten(1).float()  # [out, r]
+                total = total + layer.scaling[STUDENT] ** 2 * ((b.T @ b) * (a @ a.T)).sum()
+            return total
+        if self.base is None:
+            pairs = zip(unet.parameters(), self.teacher_net.parameters(), strict=True)
+        else:
+            pairs = ((p, self.base[n]) for n, p in unet.named_parameters())
+        for p, base in pairs:
+            total = total + ((p.float() - base.to(p.device, torch.float32)) ** 2).sum()
+        return total
 
     # ---- state ---------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:

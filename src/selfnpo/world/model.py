@@ -1,10 +1,12 @@
 """The embedded default model: a tiny SD1.5-type pipeline trained on the procedural world.
 
-``selfnpo pretrain`` reproduces it in two resumable phases: (1) the AutoencoderKL learns to
-reconstruct 32x32 renders (its own short loop, checkpointed like every run), (2) the UNet is
-trained from scratch with the ``diffusion`` objective through the one training loop, with
-caption dropout so that the unconditional prediction exists. The text encoder is a random,
-frozen CLIPTextModel over the real CLIP BPE vocabulary. The shipped copy is stored in fp16.
+``selfnpo pretrain`` reproduces it in three resumable phases: (1) the AutoencoderKL learns to
+reconstruct 32x32 renders, (2) the CLIPTextModel (over the real CLIP BPE vocabulary) learns to
+encode what a caption states: a linear read-out of its token states, through one learned
+attention query per attribute, must recover the caption's labels; it is then frozen, as SD's
+CLIP is, (3) the UNet is trained from scratch with the ``diffusion`` objective through the one
+training loop, with caption dropout so that the unconditional prediction exists. Phases 1 and 2
+run in their own short loops, checkpointed like every run. The shipped copy is stored in fp16.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from ..errors import SelfNPOError
 from ..io import atomic_dir, atomic_write_text
 from ..training.checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from ..training.config import opt
-from .captions import caption
-from .render import render_batch, sample_scene
+from .captions import RELATIONS, CaptionLabels, caption, caption_with_labels
+from .render import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES, render_batch, sample_scene
 
 UNET_CHANNELS = (32, 64, 64)
+UNET_HEADS = (2, 8, 8)
 VAE_CHANNELS = (16, 32)
-TEXT_HIDDEN = 32
+TEXT_HIDDEN = 64
+TEXT_LAYERS = 3
+TEXT_HEADS = 4
 
 
 def shipped_model_dir() -> Path:
@@ -67,14 +72,19 @@ class WorldSource:
 
 @dataclass
 class PretrainConfig:
-    """Train the embedded world model from scratch (VAE, then UNet)."""
+    """Train the embedded world model from scratch (VAE, text encoder, then UNet)."""
 
-    output_dir: str = opt("runs/pretrain", "run folder; the finished pipeline is written to OUTPUT_DIR/model")
+    output_dir: str = opt(
+        "runs/pretrain", "run folder; the finished pipeline is written to OUTPUT_DIR/unet/model"
+    )
     vae_steps: int = opt(3000, "autoencoder training steps")
-    unet_steps: int = opt(5000, "UNet training steps")
+    text_steps: int = opt(800, "text encoder training steps")
+    unet_steps: int = opt(3500, "UNet training steps")
     vae_batch_size: int = opt(16, "images per autoencoder step")
+    text_batch_size: int = opt(128, "captions per text encoder step")
     batch_size: int = opt(32, "images per UNet step")
     vae_lr: float = opt(1e-3, "autoencoder learning rate")
+    text_lr: float = opt(1e-3, "text encoder learning rate")
     unet_lr: float = opt(5e-4, "UNet learning rate")
     caption_dropout: float = opt(0.1, "probability of training on the empty prompt (unconditional)")
     checkpoint_every: int = opt(200, "steps between checkpoints")
@@ -84,9 +94,10 @@ class PretrainConfig:
     overwrite: bool = opt(False, "replace an existing run folder")
 
     def validate(self) -> PretrainConfig:
-        if self.vae_steps < 1 or self.unet_steps < 1 or self.batch_size < 1:
-            raise SelfNPOError("--vae-steps, --unet-steps and --batch-size must be >= 1")
-        if not (0 < self.vae_lr < 1 and 0 < self.unet_lr < 1):
+        steps = (self.vae_steps, self.text_steps, self.unet_steps)
+        if min(steps) < 1 or min(self.batch_size, self.vae_batch_size, self.text_batch_size) < 1:
+            raise SelfNPOError("step counts and batch sizes must be >= 1")
+        if not all(0 < lr < 1 for lr in (self.vae_lr, self.text_lr, self.unet_lr)):
             raise SelfNPOError("learning rates must be in (0, 1)")
         if self.resume and self.overwrite:
             raise SelfNPOError("--resume and --overwrite exclude each other")
@@ -94,6 +105,7 @@ class PretrainConfig:
 
 
 def build_world_pipeline(tokenizer_dir: Path, seed: int = 0):
+    """The untrained world pipeline (cross-attention at every UNet level)."""
     from ..models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(
@@ -104,7 +116,31 @@ def build_world_pipeline(tokenizer_dir: Path, seed: int = 0):
         text_hidden=TEXT_HIDDEN,
         vae_channels=VAE_CHANNELS,
         seed=seed,
+        text_layers=TEXT_LAYERS,
+        text_heads=TEXT_HEADS,
+        attention_heads=UNET_HEADS,
+        cross_attention_everywhere=True,
     )
+
+
+def _resumable(ck: Path, params: list, opt_, g: torch.Generator) -> int:
+    """Restore ``params``, optimiser and generator from the newest checkpoint in ``ck``; its step."""
+    state = load_latest(ck)
+    if state is None:
+        return 0
+    tensors, meta = state
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"p.{i}"])
+    optimizer_from_flat(opt_, tensors, meta["optimizer"])
+    g.set_state(tensors["rng"])
+    return int(meta["step"])
+
+
+def _save_phase(ck: Path, step: int, params: list, opt_, g: torch.Generator, loss: Tensor) -> None:
+    t, js = optimizer_to_flat(opt_)
+    t.update({f"p.{i}": p for i, p in enumerate(params)}, rng=g.get_state())
+    save_checkpoint(ck, step, t, {"optimizer": js, "loss": float(loss.detach())}, keep=2)
 
 
 def _vae_loss(vae, x: Tensor, g: torch.Generator) -> Tensor:
@@ -122,16 +158,8 @@ def train_vae(pipe, cfg: PretrainConfig, run: Path, progress: bool) -> None:
     params = list(vae.parameters())
     opt_ = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
     g = torch.Generator(vae.device).manual_seed(cfg.seed)
-    start, ck = 0, run / "vae"
-    state = load_latest(ck)
-    if state is not None:
-        tensors, meta = state
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                p.copy_(tensors[f"p.{i}"])
-        optimizer_from_flat(opt_, tensors, meta["optimizer"])
-        g.set_state(tensors["rng"])
-        start = meta["step"]
+    ck = run / "vae"
+    start = _resumable(ck, params, opt_, g)
     for step in tqdm(
         range(start, cfg.vae_steps),
         initial=start,
@@ -147,10 +175,115 @@ def train_vae(pipe, cfg: PretrainConfig, run: Path, progress: bool) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt_.step()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            t, js = optimizer_to_flat(opt_)
-            t.update({f"p.{i}": p for i, p in enumerate(params)}, rng=g.get_state())
-            save_checkpoint(ck, step + 1, t, {"optimizer": js, "loss": float(loss.detach())}, keep=2)
+            _save_phase(ck, step + 1, params, opt_, g, loss)
     vae.eval()
+
+
+# What a caption states, slot by slot; the last class of each slot means "unstated" (or "no
+# second object"), except for the object count.
+_UNSTATED = "-"
+LABEL_SLOTS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
+    (f"{attr}{i}", (*values, _UNSTATED))
+    for i in (0, 1)
+    for attr, values in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS))
+) + (
+    ("relation", (*RELATIONS, _UNSTATED)),
+    ("background", (*BACKGROUNDS, _UNSTATED)),
+    ("texture", (*TEXTURES, _UNSTATED)),
+    ("count", ("1", "2")),
+)
+
+
+def label_targets(labels: CaptionLabels) -> list[int]:
+    """Class index of every slot of ``LABEL_SLOTS`` for one caption's labels."""
+    values: dict[str, str | None] = {
+        "relation": labels.relation,
+        "background": labels.background,
+        "texture": labels.texture,
+        "count": str(len(labels.objects)),
+    }
+    for i in (0, 1):
+        o = labels.objects[i] if i < len(labels.objects) else None
+        for attr in ("shape", "colour", "size", "position"):
+            values[f"{attr}{i}"] = getattr(o, attr) if o is not None else None
+    return [classes.index(values[name] or _UNSTATED) for name, classes in LABEL_SLOTS]
+
+
+class LabelReadout(torch.nn.Module):
+    """One learned attention query per slot over the token states, then a linear classifier.
+
+    Deliberately weak (linear given the pooled state), so that the text encoder's own token
+    states must carry each attribute in a form attention can pick out, as the UNet's does.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.queries = torch.nn.Parameter(torch.randn(len(LABEL_SLOTS), hidden) / hidden**0.5)
+        self.key = torch.nn.Linear(hidden, hidden)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, len(c)) for _, c in LABEL_SLOTS)
+
+    def forward(self, states: Tensor) -> list[Tensor]:
+        """Token states ``[B, L, H]`` -> logits of every slot."""
+        att = torch.einsum("sh,blh->bsl", self.queries, self.key(states)) / states.shape[-1] ** 0.5
+        pooled = torch.einsum("bsl,blh->bsh", att.softmax(-1), states)
+        return [head(pooled[:, k]) for k, head in enumerate(self.heads)]
+
+
+def caption_batch(rng: np.random.Generator, n: int, split: str = "train") -> tuple[list[str], Tensor]:
+    """``n`` fresh captions of ``split`` and their slot targets ``[n, len(LABEL_SLOTS)]``."""
+    pairs = [caption_with_labels(sample_scene(rng, split), rng) for _ in range(n)]
+    targets = torch.tensor([label_targets(lab) for _, lab in pairs])
+    return [c for c, _ in pairs], targets
+
+
+def _token_states(pipe, captions: list[str]) -> Tensor:
+    """The text encoder's output as the pipeline computes it (padded to 77, no attention mask)."""
+    tok = pipe.tokenizer
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True)
+    ids = torch.tensor(ids["input_ids"], device=pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]
+
+
+def train_text_encoder(pipe, cfg: PretrainConfig, run: Path, progress: bool) -> dict[str, float]:
+    """Phase 2: teach the text encoder what captions state, then freeze it; held-out slot accuracy."""
+    from tqdm.auto import tqdm
+
+    te = pipe.text_encoder.train()
+    torch.manual_seed(cfg.seed + 3)
+    readout = LabelReadout(te.config.hidden_size).to(te.device)
+    params = list(te.parameters()) + list(readout.parameters())
+    opt_ = torch.optim.AdamW(params, lr=cfg.text_lr, weight_decay=0.01)
+    g = torch.Generator(te.device).manual_seed(cfg.seed + 2)
+    ck = run / "text"
+    start = _resumable(ck, params, opt_, g)
+    for step in tqdm(
+        range(start, cfg.text_steps),
+        initial=start,
+        total=cfg.text_steps,
+        desc="text encoder",
+        disable=not progress,
+    ):
+        seed = int(torch.randint(2**62, (1,), generator=g, device=g.device).item())
+        caps, targets = caption_batch(np.random.default_rng(seed), cfg.text_batch_size)
+        logits = readout(_token_states(pipe, caps))
+        targets = targets.to(te.device)
+        loss = sum(torch.nn.functional.cross_entropy(lg, targets[:, k]) for k, lg in enumerate(logits))
+        opt_.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt_.step()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.text_steps:
+            _save_phase(ck, step + 1, params, opt_, g, loss)
+    te.eval().requires_grad_(False)
+    with torch.no_grad():
+        caps, targets = caption_batch(np.random.default_rng(cfg.seed + 4), 512, "heldout")
+        logits = readout(_token_states(pipe, caps))
+    acc = {
+        name: float((lg.argmax(-1).cpu() == targets[:, k]).float().mean())
+        for k, (lg, (name, _)) in enumerate(zip(logits, LABEL_SLOTS, strict=True))
+    }
+    atomic_write_text(ck / "heldout_accuracy.json", json.dumps(acc, indent=2))
+    return acc
 
 
 @torch.no_grad()
@@ -171,6 +304,9 @@ def _prepare(cfg: PretrainConfig) -> Path:
             saved = json.loads(marker.read_text())
             for k in (
                 "vae_steps",
+                "text_steps",
+                "text_batch_size",
+                "text_lr",
                 "vae_batch_size",
                 "batch_size",
                 "seed",
@@ -197,7 +333,7 @@ def _prepare(cfg: PretrainConfig) -> Path:
 
 
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
-    """Both phases; returns the finished diffusers folder ``OUTPUT_DIR/model``."""
+    """All three phases; returns the finished diffusers folder ``OUTPUT_DIR/unet/model``."""
     from ..models.loading import load_pipeline, pick_device
     from ..models.sd import DiffusionModel
     from ..models.tiny import write_clip_vocab
@@ -213,6 +349,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         pipe = build_world_pipeline(tok, cfg.seed).to(dev)
         train_vae(pipe, cfg, run, progress)
         set_latent_scale(pipe, cfg.seed + 1)
+        train_text_encoder(pipe, cfg, run, progress)
         with atomic_dir(base) as tmp:
             pipe.save_pretrained(tmp)
     prompts = run / "train_prompts.txt"

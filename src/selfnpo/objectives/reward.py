@@ -1,0 +1,56 @@
+"""Differentiable-reward fine-tuning (DRaFT-K) and its Diffusion-NPO twin with ``R_NPO = 1 - R``.
+
+The student samples from noise with deterministic DDIM (``reward_steps`` steps, guidance
+``reward_guidance`` with the student in both branches); gradients flow through the last
+``reward_grad_steps`` network calls and the VAE decoder into the reward, and the loss is
+``-R(x_0, c)`` (Clark et al., DRaFT-K). ``reward_npo`` maximises ``1 - R`` instead, which is
+Diffusion-NPO's reward-based recipe for a negative offset (Diffusion-NPO, "Reward-based NPO").
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..guidance import cfg as guided
+from ..rewards import npo_reward
+from ..sampling import ddim_sample_grad
+from ..schedules import ddim_grid
+from .base import Batch, StepContext, register
+
+
+def sample_with_grad(ctx: StepContext, batch: Batch) -> Tensor:
+    """Decoded images ``[B, 3, H, W]`` of the student's guided DDIM rollout, differentiable in
+    the student's weights through the last ``reward_grad_steps`` steps."""
+    c, m = ctx.config, ctx.model
+    cond, unc = batch.cond, m.uncond(len(batch.cond)).to(batch.cond.embeds.device)
+
+    def pos(x: Tensor, t: Tensor) -> Tensor:
+        return ctx.student(x, t, cond)
+
+    def neg(x: Tensor, t: Tensor) -> Tensor:
+        return ctx.student(x, t, unc)
+
+    f = guided(pos, neg, c.reward_guidance)
+    noise = ctx.randn(m.latent_shape(len(batch.prompts), c.resolution))
+    grid = ddim_grid(c.reward_steps, m.num_train_timesteps).to(noise.device)
+    x0 = ddim_sample_grad(m, f, noise, grid, c.reward_grad_steps)
+    return m.decode_latents_grad(x0)
+
+
+def _reward_loss(ctx: StepContext, batch: Batch, npo: bool) -> Tensor:
+    if ctx.reward is None:
+        raise ValueError("reward objectives need a reward; the training loop sets it from --reward")
+    r = npo_reward(ctx.reward) if npo else ctx.reward
+    return -r(sample_with_grad(ctx, batch), batch.prompts)
+
+
+@register("reward", reference=True, uses_reward=True)
+def reward(ctx: StepContext, batch: Batch) -> Tensor:
+    """DRaFT-K: maximise ``R`` of the student's own samples (a positive offset)."""
+    return _reward_loss(ctx, batch, npo=False)
+
+
+@register("reward_npo", reference=True, uses_reward=True)
+def reward_npo(ctx: StepContext, batch: Batch) -> Tensor:
+    """Reward-based Diffusion-NPO: maximise ``1 - R`` (a negative offset delta)."""
+    return _reward_loss(ctx, batch, npo=True)

@@ -1,0 +1,1 @@
+"""Preference data: pair files, building pairs with a reward, Pick-a-Pic."""
