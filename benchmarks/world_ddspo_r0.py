@@ -66,8 +66,8 @@ def _runs(a, cfg: DemoConfig, model: str, prompts: Path, out: Path) -> dict:
         "ddspo_unpaired": ("ddspo", a.train_steps, {"ddspo_variant": "unpaired"}),
         "diffusion_dpo": ("ddspo", a.train_steps, {**loser, "ddspo_targets": "noise"}),
         "ddspo_npo": ("ddspo_npo", a.train_steps, loser),
-        "r0": ("r0", a.train_steps, {}),
-        "r0_plus": ("r0_plus", a.train_steps, {}),
+        "r0": ("r0", a.train_steps, {"lr": a.r0_lr}),
+        "r0_plus": ("r0_plus", a.train_steps, {"lr": a.r0_lr}),
     }
     runs, pool = {}, None
     for name, (objective, steps, kw) in specs.items():
@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--loser-steps", type=int, default=8, help="DDIM steps of the c- images")
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--sample-steps", type=int, default=25)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (DDSPO, D-DPO, Self-NPO)")
+    ap.add_argument("--r0-lr", type=float, default=1e-4, help="LoRA learning rate of R0 and R0+")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -143,6 +144,7 @@ def main() -> None:
         ),
         ("R0 4 steps g=1", four, 1.0, None, 0.0, off["r0"], 1.0, base),
         ("R0+ 4 steps g=1", four, 1.0, None, 0.0, off["r0_plus"], 1.0, base),
+        ("R0 4 steps g=1 vs base 4 steps", four, 1.0, None, 0.0, off["r0"], 1.0, "base 4 steps g=1"),
         ("R0 4 steps g=3", four, G, None, 0.0, off["r0"], 1.0, "R0 4 steps g=1"),
         ("R0 + Self-NPO 4 steps g=3", four, G, off["selfnpo"], 1.0, off["r0"], 1.0, "R0 4 steps g=3"),
     ]

@@ -8,7 +8,7 @@ with ``--resume`` skips the images that exist.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -97,7 +97,10 @@ def _prepare_output(cfg: GenerateConfig) -> Path:
     mine = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "device", "batch_size")}
     if out.exists() and any(out.iterdir()):
         if cfg.resume and manifest.is_file():
-            if json.loads(manifest.read_text()) != mine:
+            saved = json.loads(manifest.read_text())
+            # settings added after a folder was written count as their defaults
+            defaults = {f.name: f.default for f in fields(GenerateConfig)}
+            if {**{k: defaults[k] for k in mine if k not in saved}, **saved} != mine:
                 raise SelfNPOError(f"{out}: holds images of different settings; cannot resume")
             remove_stale_temps(out)
             return out

@@ -103,6 +103,6 @@ def write_demo_report(out: Path, m: dict, bench) -> dict[str, Path]:
         [table],
         _curve_plots(m) + _scale_plots(m),
         [grid],
-        m,
+        metrics=m,
     )
     return write_report(report, out)

@@ -74,13 +74,18 @@ class DiffusionModel:
         time_ids = pipe._get_add_time_ids((res, res), (0, 0), (res, res), emb.dtype, proj)
         return Cond(emb.float().cpu(), {"text_embeds": pooled.float().cpu(), "time_ids": time_ids.float()})
 
-    def encode(self, prompts: Sequence[str]) -> Cond:
-        """Text conditioning for a batch of prompts (cached per prompt, kept on CPU in fp32)."""
+    def encode(self, prompts: Sequence[str], cache: bool = True) -> Cond:
+        """Text conditioning for a batch of prompts (kept on CPU in fp32). Cached per prompt unless
+        ``cache=False`` (for prompts that are mostly seen once, e.g. randomly degraded ones)."""
         out = []
         for p in prompts:
-            if p not in self._cache:
+            if p in self._cache:
+                out.append(self._cache[p])
+            elif cache:
                 self._cache[p] = self._encode_one(p)
-            out.append(self._cache[p])
+                out.append(self._cache[p])
+            else:
+                out.append(self._encode_one(p))
         return Cond.cat(out)
 
     def uncond(self, batch: int) -> Cond:

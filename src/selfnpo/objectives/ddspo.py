@@ -70,9 +70,7 @@ def _degrader(spec: str, low: float, high: float) -> Degrader:
 
 def _encode(ctx: StepContext, prompts: list[str], device: torch.device) -> Cond:
     """Conditioning without the model's prompt cache (degraded prompts are mostly unique)."""
-    m = ctx.model
-    cached = [m._cache[p] if p in m._cache else m._encode_one(p) for p in prompts]
-    return Cond.cat(cached).to(device)
+    return ctx.model.encode(prompts, cache=False).to(device)
 
 
 def reference_sample(ctx: StepContext, cond: Cond, steps: int) -> Tensor:

@@ -22,7 +22,7 @@ class TrainConfig:
     objective: str = opt(
         "tdft",
         "training objective by name: tdft (Self-NPO), full_sim (baseline), diffusion, dpo, dpo_npo "
-        "(reversed pairs), reward, reward_npo (1 - R), ddspo, r0, r0_plus",
+        "(reversed pairs), reward, reward_npo (1 - R), ddspo, ddspo_npo, r0, r0_plus",
     )
     source: str = opt(
         "self",

@@ -72,9 +72,12 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
 
 
 def _check_same_run(cfg: TrainConfig, saved: dict) -> None:
+    defaults = TrainConfig.__dataclass_fields__
     for k, v in cfg.to_dict().items():
-        if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != v:
-            raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r} in this run, now {v!r}")
+        # a setting added after the run was started counts as its default
+        was = saved[k] if k in saved else defaults[k].default
+        if k not in TrainConfig.RESUMABLE_CHANGES and was != v:
+            raise SelfNPOError(f"cannot resume: {k} was {was!r} in this run, now {v!r}")
 
 
 def make_source(

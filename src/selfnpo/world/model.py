@@ -79,7 +79,7 @@ class PretrainConfig:
     )
     vae_steps: int = opt(3000, "autoencoder training steps")
     text_steps: int = opt(800, "text encoder training steps")
-    unet_steps: int = opt(3500, "UNet training steps")
+    unet_steps: int = opt(3000, "UNet training steps")
     vae_batch_size: int = opt(16, "images per autoencoder step")
     text_batch_size: int = opt(128, "captions per text encoder step")
     batch_size: int = opt(32, "images per UNet step")
@@ -237,10 +237,15 @@ def caption_batch(rng: np.random.Generator, n: int, split: str = "train") -> tup
 
 
 def _token_states(pipe, captions: list[str]) -> Tensor:
-    """The text encoder's output as the pipeline computes it (padded to 77, no attention mask)."""
+    """The text encoder's output as the pipeline computes it (padded to 77, no attention mask).
+
+    Padding is done here, not by the tokenizer, whose padding settings would otherwise stick
+    and be saved with the pipeline.
+    """
     tok = pipe.tokenizer
-    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True)
-    ids = torch.tensor(ids["input_ids"], device=pipe.text_encoder.device)
+    n = tok.model_max_length
+    ids = [tok(c)["input_ids"][:n] for c in captions]
+    ids = torch.tensor([i + [tok.pad_token_id] * (n - len(i)) for i in ids], device=pipe.text_encoder.device)
     return pipe.text_encoder(ids)[0]
 
 
