@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from selfnpo.demo import DemoConfig, EvalBench
+from selfnpo.demo import DemoConfig, EvalBench, train_to
 from selfnpo.io import atomic_write_text
 from selfnpo.models.loading import load_pipeline
 from selfnpo.objectives.r0 import R0Scheduler
@@ -34,26 +34,8 @@ def _fmt(ci: list[float]) -> str:
 
 
 def _train(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int, pool, **kw):
-    """``selfnpo.demo.train_to``, but every pool-based run reuses one self-generated pool."""
-    from selfnpo.training.config import TrainConfig
-    from selfnpo.training.loop import train
-
-    tc = TrainConfig(
-        model=model,
-        prompts=str(prompts),
-        output_dir=str(run),
-        steps=steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        lora_rank=cfg.lora_rank,
-        pool_size=cfg.pool_size,
-        seed=cfg.seed,
-        overwrite=True,
-        checkpoint_every=0,
-        log_every=10,
-        device="cpu" if not torch.cuda.is_available() else "auto",
-    )
-    return train(replace(tc, **kw), progress=False, source=pool)
+    """``selfnpo.demo.train_to`` from scratch, every pool-based run reusing one self-generated pool."""
+    return train_to(cfg, model, prompts, run, steps, source=pool, resume=False, overwrite=True, **kw)
 
 
 def _runs(a, cfg: DemoConfig, model: str, prompts: Path, out: Path) -> dict:

@@ -163,8 +163,9 @@ class EvalBench:
         return summarise(self.scores[key], self.real, base, seed=self.cfg.seed)
 
 
-def train_to(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int, **overrides):
-    """Train (or continue) the run in ``run`` up to ``steps``; ``overrides`` are TrainConfig fields."""
+def train_to(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int, source=None, **overrides):
+    """Train (or continue) the run in ``run`` up to ``steps``; ``overrides`` are TrainConfig fields,
+    ``source`` an optional ready data source (e.g. a pool shared by several runs)."""
     from .training.config import TrainConfig
     from .training.loop import train
 
@@ -183,7 +184,7 @@ def train_to(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int, 
         log_every=10,
         device="cpu" if not torch.cuda.is_available() else "auto",
     )
-    return train(replace(tc, **overrides), progress=False)
+    return train(replace(tc, **overrides), progress=False, source=source)
 
 
 def _training_curve(

@@ -37,18 +37,7 @@ def ddim_rollout(
 @torch.no_grad()
 def ddim_sample(model: DiffusionModel, f: BoundDenoiser, noise: Tensor, grid: Tensor) -> Tensor:
     """Full deterministic DDIM from ``grid[-1]`` down the ascending ``grid`` to an x0 estimate."""
-    x = noise
-    ts = grid.flip(0).tolist()
-    for i, t_cur in enumerate(ts):
-        t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.long)
-        pred = f(x, t)
-        x0 = model.x0_of(pred, x, t)
-        if i + 1 == len(ts):
-            return x0
-        eps = model.eps_of(pred, x, t)
-        a, s = model.coeffs(torch.full_like(t, ts[i + 1]), x)
-        x = ddim_step(x0, eps, a, s)
-    return x
+    return ddim_sample_grad(model, f, noise, grid, grad_steps=0)
 
 
 def ddim_sample_grad(
