@@ -8,14 +8,14 @@ with ``--resume`` skips the images that exist.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import SelfNPOError
 from .io import atomic_path, atomic_write_text, read_prompts, remove_stale_temps
-from .training.config import opt
+from .training.config import opt, with_defaults
 
 SCHEDULERS = (
     "DDIMScheduler",
@@ -97,10 +97,8 @@ def _prepare_output(cfg: GenerateConfig) -> Path:
     mine = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "device", "batch_size")}
     if out.exists() and any(out.iterdir()):
         if cfg.resume and manifest.is_file():
-            saved = json.loads(manifest.read_text())
-            # settings added after a folder was written count as their defaults
-            defaults = {f.name: f.default for f in fields(GenerateConfig)}
-            if {**{k: defaults[k] for k in mine if k not in saved}, **saved} != mine:
+            saved = with_defaults(GenerateConfig, json.loads(manifest.read_text()))
+            if {k: saved.get(k) for k in mine} != mine:
                 raise SelfNPOError(f"{out}: holds images of different settings; cannot resume")
             remove_stale_temps(out)
             return out

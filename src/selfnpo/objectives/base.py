@@ -78,20 +78,33 @@ OBJECTIVES: dict[str, Objective] = {}
 REFERENCE_OBJECTIVES: set[str] = set()
 # objectives that call ctx.reward
 REWARD_OBJECTIVES: set[str] = set()
+# objectives that draw their own samples from noise: the data source gives prompts only
+PROMPT_ONLY_OBJECTIVES: set[str] = set()
+# objectives trained on preference pairs (--pairs)
+PAIR_OBJECTIVES: set[str] = set()
 
 
 def register(
-    name: str, reference: bool = False, uses_reward: bool = False
+    name: str,
+    reference: bool = False,
+    uses_reward: bool = False,
+    prompts_only: bool = False,
+    pairs: bool = False,
 ) -> Callable[[Objective], Objective]:
     """Register an objective; ``reference``: it needs the frozen base as teacher; ``uses_reward``:
-    the loop builds ``ctx.reward`` from the config's ``reward`` name."""
+    the loop builds ``ctx.reward`` from the config's ``reward`` name; ``prompts_only``: it needs
+    no clean latents; ``pairs``: it trains on preference pairs."""
 
     def deco(fn: Objective) -> Objective:
         OBJECTIVES[name] = fn
-        if reference:
-            REFERENCE_OBJECTIVES.add(name)
-        if uses_reward:
-            REWARD_OBJECTIVES.add(name)
+        for flag, table in (
+            (reference, REFERENCE_OBJECTIVES),
+            (uses_reward, REWARD_OBJECTIVES),
+            (prompts_only, PROMPT_ONLY_OBJECTIVES),
+            (pairs, PAIR_OBJECTIVES),
+        ):
+            if flag:
+                table.add(name)
         return fn
 
     return deco
@@ -103,7 +116,6 @@ def _load_all() -> None:
 
 def get_objective(name: str) -> Objective:
     _load_all()
-
     if name not in OBJECTIVES:
         raise KeyError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[name]

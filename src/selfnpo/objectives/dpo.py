@@ -67,13 +67,13 @@ def _dpo(ctx: StepContext, batch: Batch, reverse: bool) -> Tensor:
     return dpo_loss(err[:n], err[n:], ref[:n], ref[n:], cfg.dpo_beta, cfg.dpo_beta_convention)
 
 
-@register("dpo", reference=True)
+@register("dpo", reference=True, pairs=True)
 def dpo(ctx: StepContext, batch: Batch) -> Tensor:
     """Diffusion-DPO on (winner, loser) pairs: trains a positive offset eta."""
     return _dpo(ctx, batch, reverse=False)
 
 
-@register("dpo_npo", reference=True)
+@register("dpo_npo", reference=True, pairs=True)
 def dpo_npo(ctx: StepContext, batch: Batch) -> Tensor:
     """Diffusion-NPO: Diffusion-DPO with winner and loser swapped; trains a negative offset delta."""
     return _dpo(ctx, batch, reverse=True)

@@ -181,13 +181,13 @@ def _generate(ctx: StepContext, batch: Batch, plus: bool) -> Tensor:
     return r0_sample(m, f, z, grid, etas, ctx.randn, calls=calls, grad_calls=1 if plus else None)
 
 
-@register("r0", reference=True, uses_reward=True)
+@register("r0", reference=True, uses_reward=True, prompts_only=True)
 def r0(ctx: StepContext, batch: Batch) -> Tensor:
     """R0 (Algorithm 1): rewards of the K-step generator's output, backpropagated through all K steps."""
     return r0_loss(ctx, batch, _generate(ctx, batch, plus=False))
 
 
-@register("r0_plus", reference=True, uses_reward=True)
+@register("r0_plus", reference=True, uses_reward=True, prompts_only=True)
 def r0_plus(ctx: StepContext, batch: Batch) -> Tensor:
     """R0+ (eqs. 4.1-4.2): rewards of a random intermediate estimate ``x0^(k)``, one step with gradient."""
     return r0_loss(ctx, batch, _generate(ctx, batch, plus=True))

@@ -44,13 +44,13 @@ def _reward_loss(ctx: StepContext, batch: Batch, npo: bool) -> Tensor:
     return -r(sample_with_grad(ctx, batch), batch.prompts)
 
 
-@register("reward", reference=True, uses_reward=True)
+@register("reward", reference=True, uses_reward=True, prompts_only=True)
 def reward(ctx: StepContext, batch: Batch) -> Tensor:
     """DRaFT-K: maximise ``R`` of the student's own samples (a positive offset)."""
     return _reward_loss(ctx, batch, npo=False)
 
 
-@register("reward_npo", reference=True, uses_reward=True)
+@register("reward_npo", reference=True, uses_reward=True, prompts_only=True)
 def reward_npo(ctx: StepContext, batch: Batch) -> Tensor:
     """Reward-based Diffusion-NPO: maximise ``1 - R`` (a negative offset delta)."""
     return _reward_loss(ctx, batch, npo=True)

@@ -20,12 +20,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ..errors import SelfNPOError
-from ..guidance import cfg as cfg_combine
 from ..io import atomic_dir, read_prompts
 from ..models.sd import DiffusionModel
-from ..sampling import ddim_sample
 from ..schedules import ddim_grid
 from ..training.config import opt
+from ..training.data import sample_latents
 from .pairs import FORMAT, PairRecord, write_pairs
 
 
@@ -81,20 +80,12 @@ def _png(img: torch.Tensor, path: Path) -> None:
 def _draw_images(
     model: DiffusionModel, prompts: list[str], seeds: list[int], cfg: PairsConfig
 ) -> torch.Tensor:
-    c, u = model.encode(prompts), model.uncond(len(prompts))
-
-    def pos(x, t):
-        return model.predict(x, t, c)
-
-    def neg(x, t):
-        return model.predict(x, t, u)
-
     shape = model.latent_shape(1)
     noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(
         model.device
     )
     grid = ddim_grid(cfg.steps, model.num_train_timesteps).to(model.device)
-    return ddim_sample(model, cfg_combine(pos, neg, cfg.guidance_scale), noise, grid).cpu()
+    return sample_latents(model, model.predict, prompts, noise, cfg.guidance_scale, grid).cpu()
 
 
 def build_pairs(cfg: PairsConfig, pipe=None, progress: bool = True) -> Path:

@@ -12,6 +12,11 @@ def opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse
     return field(default=default, metadata={"help": help, **kw})
 
 
+def with_defaults(cls: type, saved: dict) -> dict:
+    """A config saved by an earlier version, with settings added since counted as their defaults."""
+    return {**{f.name: f.default for f in dataclasses.fields(cls)}, **saved}
+
+
 @dataclass
 class TrainConfig:
     """Self-NPO training. Defaults follow the authors' code (METHOD.md) except where noted."""
@@ -139,7 +144,13 @@ class TrainConfig:
         """Reject impossible settings with one-line errors."""
         if not self.model:
             raise SelfNPOError("--model is required")
-        if self.objective in ("dpo", "dpo_npo") and not self.pairs:
+        from ..objectives.base import PAIR_OBJECTIVES, get_objective
+
+        try:
+            get_objective(self.objective)
+        except KeyError as e:
+            raise SelfNPOError(str(e.args[0])) from None
+        if self.objective in PAIR_OBJECTIVES and not self.pairs:
             raise SelfNPOError(f"--objective {self.objective} needs --pairs (a preference pair file)")
         if self.source != "images" and not self.prompts and not self.pairs:
             raise SelfNPOError("--prompts is required")
@@ -197,12 +208,6 @@ class TrainConfig:
             from ..objectives.r0 import parse_rewards
 
             parse_rewards(self.r0_rewards, self.reward)
-        from ..objectives.base import get_objective
-
-        try:
-            get_objective(self.objective)
-        except KeyError as e:
-            raise SelfNPOError(str(e.args[0])) from None
         return self
 
     def to_dict(self) -> dict:

@@ -69,6 +69,23 @@ class LatentPool:
 
 
 @torch.no_grad()
+def sample_latents(
+    model: DiffusionModel, predict, prompts: list[str], noise: Tensor, g: float, grid: Tensor
+) -> Tensor:
+    """Clean latents of ``prompts`` from ``noise``: DDIM over ``grid`` with guidance ``g``,
+    ``predict`` in both branches (conditional and unconditional)."""
+    c, u = model.encode(prompts), model.uncond(len(prompts))
+
+    def pos(x, t):
+        return predict(x, t, c)
+
+    def neg(x, t):
+        return predict(x, t, u)
+
+    return ddim_sample(model, cfg_combine(pos, neg, g), noise, grid)
+
+
+@torch.no_grad()
 def generate_pool(model: DiffusionModel, predict, prompts: list[str], cfg, progress: bool) -> LatentPool:
     """The model's own samples: DDIM over the training grid with guidance ``pool_guidance_scale``."""
     from tqdm.auto import tqdm
@@ -80,16 +97,8 @@ def generate_pool(model: DiffusionModel, predict, prompts: list[str], cfg, progr
     bs = max(cfg.batch_size, 8)
     for i in tqdm(range(0, len(chosen), bs), desc="self-generated pool", disable=not progress):
         ps = chosen[i : i + bs]
-        c, u = model.encode(ps), model.uncond(len(ps))
-
-        def pos(x, t, c=c):
-            return predict(x, t, c)
-
-        def neg(x, t, u=u):
-            return predict(x, t, u)
-
         noise = torch.randn(model.latent_shape(len(ps), cfg.resolution or None), generator=g, device=g.device)
-        out.append(ddim_sample(model, cfg_combine(pos, neg, cfg.pool_guidance_scale), noise, grid).cpu())
+        out.append(sample_latents(model, predict, ps, noise, cfg.pool_guidance_scale, grid).cpu())
     return LatentPool(torch.cat(out), chosen)
 
 

@@ -22,17 +22,14 @@ from ..errors import SelfNPOError
 from ..io import atomic_dir, atomic_write_text, read_prompts, remove_stale_temps
 from ..models.loading import load_pipeline, resolve_model_class
 from ..models.sd import DiffusionModel
-from ..objectives.base import REWARD_OBJECTIVES, Batch, StepContext, get_objective
+from ..objectives.base import PROMPT_ONLY_OBJECTIVES, REWARD_OBJECTIVES, Batch, StepContext, get_objective
 from ..rewards import get_reward
 from .checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, with_defaults
 from .data import LatentPool, PromptSource, Source, encode_image_folder, generate_pool
 from .offset import TrainableOffset
 
 log = logging.getLogger(__name__)
-
-# objectives that generate their own samples from noise and need prompts only
-NO_DATA_OBJECTIVES = {"reward", "reward_npo", "r0", "r0_plus"}
 
 
 @dataclass
@@ -72,12 +69,10 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
 
 
 def _check_same_run(cfg: TrainConfig, saved: dict) -> None:
-    defaults = TrainConfig.__dataclass_fields__
+    saved = with_defaults(TrainConfig, saved)
     for k, v in cfg.to_dict().items():
-        # a setting added after the run was started counts as its default
-        was = saved[k] if k in saved else defaults[k].default
-        if k not in TrainConfig.RESUMABLE_CHANGES and was != v:
-            raise SelfNPOError(f"cannot resume: {k} was {was!r} in this run, now {v!r}")
+        if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != v:
+            raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r} in this run, now {v!r}")
 
 
 def make_source(
@@ -92,7 +87,7 @@ def make_source(
         from ..preference.pairs import PairSource
 
         return PairSource.load(cfg.pairs, model, cfg.resolution or model.default_resolution())
-    if cfg.source == "noise" or cfg.objective in NO_DATA_OBJECTIVES:
+    if cfg.source == "noise" or cfg.objective in PROMPT_ONLY_OBJECTIVES:
         return PromptSource(prompts)
     pool_file = run / "pool.safetensors"
     if pool_file.is_file():

@@ -31,8 +31,8 @@ class TrainableOffset:
         self.mode = cfg.train
         from ..objectives.base import REFERENCE_OBJECTIVES, get_objective
 
-        get_objective(getattr(cfg, "objective", "tdft"))  # registers objectives
-        frozen = cfg.teacher == "frozen" or getattr(cfg, "objective", "") in REFERENCE_OBJECTIVES
+        get_objective(cfg.objective)  # registers objectives
+        frozen = cfg.teacher == "frozen" or cfg.objective in REFERENCE_OBJECTIVES
         self.decay = 1.0 if frozen else cfg.ema_decay
         unet = model.unet
         unet.requires_grad_(False)
