@@ -200,3 +200,30 @@ def test_cfg_combinator():
     calls.clear()
     cfg(pos, neg, 0.0, always_both=True)(x, t)
     assert sorted(calls) == ["neg", "pos"]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weight_is_min_snr_gamma_in_x0_space(prediction_type):
+    """Weighted loss in the network's space == min(SNR, gamma) * squared x0 error (Hang et al. eq. 6)."""
+    from selfnpo.objectives.diffusion import min_snr_weight
+
+    g = torch.Generator().manual_seed(0)
+    ac = torch.linspace(0.999, 0.002, 1000, dtype=torch.float64)
+    t = torch.tensor([0, 10, 200, 500, 999])
+    a, s = alpha_sigma(ac, t)
+    a, s = a.view(-1, 1), s.view(-1, 1)
+    x0, eps = (
+        torch.randn(5, 16, generator=g, dtype=torch.float64),
+        torch.randn(5, 16, generator=g, dtype=torch.float64),
+    )
+    x_t = a * x0 + s * eps
+    target = param.target_for(x0, eps, a, s, prediction_type)
+    pred = target + 0.1 * torch.randn(5, 16, generator=g, dtype=torch.float64)
+    x0_hat = param.to_x0(pred, x_t, a, s, prediction_type)
+    gamma = 5.0
+    snr = (a / s).flatten() ** 2
+    want = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) * ((x0_hat - x0) ** 2).mean(1)
+    got = min_snr_weight(a.flatten(), s.flatten(), gamma, prediction_type).double() * (
+        (pred - target) ** 2
+    ).mean(1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-12)

@@ -79,6 +79,14 @@ def test_pretrain_smoke_and_resume(tmp_path):
     assert pipe.unet.config.sample_size == 16
     assert all(b.startswith("CrossAttn") for b in pipe.unet.config.down_block_types)  # every level
     assert (tmp_path / "a" / "text" / "heldout_accuracy.json").is_file()
+    assert 0.0 <= json.loads((tmp_path / "a" / "vae" / "reconstruction.json").read_text())["alignment"] <= 1.0
+    # the shipped weights are the EMA (decay 0.999 after two steps: still near the initial weights),
+    # not the last student weights that the training loop saves beside them
+    student = StableDiffusionPipeline.from_pretrained(
+        str(tmp_path / "a" / "unet" / "model")
+    ).unet.state_dict()
+    ema = pipe.unet.state_dict()
+    assert any(not torch.equal(student[k], ema[k]) for k in ema)
     with pytest.raises(SelfNPOError, match="text_steps"):
         pretrain(PretrainConfig(output_dir=str(tmp_path / "a"), resume=True, **{**cfg, "text_steps": 3}))
     half = pretrain(

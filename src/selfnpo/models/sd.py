@@ -22,6 +22,8 @@ from ..schedules import alpha_sigma, expand_like
 class DiffusionModel:
     """A UNet, its text encoders and its training schedule, behind one small interface."""
 
+    CACHE_SIZE = 8192  # prompts whose encodings are kept (oldest dropped first)
+
     def __init__(self, pipe, uncond_mode: str = "auto") -> None:
         self.pipe = pipe
         self.unet: nn.Module = pipe.unet
@@ -82,6 +84,8 @@ class DiffusionModel:
             if p in self._cache:
                 out.append(self._cache[p])
             elif cache:
+                if len(self._cache) >= self.CACHE_SIZE:  # bounded: fresh captions every step must not grow it
+                    del self._cache[next(iter(self._cache))]
                 self._cache[p] = self._encode_one(p)
                 out.append(self._cache[p])
             else:

@@ -21,4 +21,22 @@ def diffusion(ctx: StepContext, batch: Batch) -> Tensor:
     eps = ctx.randn(tuple(x0.shape))
     a, s = m.coeffs(t, x0)
     x_t = a * x0 + s * eps
-    return mse(ctx.student(x_t, t, batch.cond), target_for(x0, eps, a, s, m.prediction_type))
+    loss = mse(ctx.student(x_t, t, batch.cond), target_for(x0, eps, a, s, m.prediction_type))
+    gamma = getattr(ctx.config, "snr_gamma", 0.0)
+    return loss * min_snr_weight(a.flatten(), s.flatten(), gamma, m.prediction_type) if gamma > 0 else loss
+
+
+def min_snr_weight(alpha: Tensor, sigma: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-gamma weight of each sample's loss in the network's own prediction space.
+
+    With ``SNR = alpha^2 / sigma^2`` the x0-space weight ``min(SNR, gamma)`` (Hang et al. 2023, eq. 6)
+    becomes ``min(SNR, gamma) / SNR`` for epsilon, ``min(SNR, gamma) / (SNR + 1)`` for v and
+    ``min(SNR, gamma)`` for sample prediction.
+    """
+    snr = (alpha.double() / sigma.double()) ** 2
+    w = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        w = w / snr
+    elif prediction_type == "v_prediction":
+        w = w / (snr + 1.0)
+    return w.float()

@@ -83,6 +83,9 @@ class TrainConfig:
         "stop", "on a NaN/inf loss: stop (default) or skip the step", choices=("stop", "skip")
     )
     caption_dropout: float = opt(0.0, "probability of replacing a prompt by the empty prompt")
+    snr_gamma: float = opt(
+        0.0, "diffusion objective: min-SNR-gamma loss weight min(SNR, gamma)/SNR (Hang et al. 2023; 0 = off)"
+    )
     resume: bool = opt(False, "continue the run in --output-dir from its last checkpoint")
     overwrite: bool = opt(False, "replace an existing run folder")
     save_model: bool = opt(False, "also save the whole trained pipeline (used by pretrain)")
@@ -173,6 +176,7 @@ class TrainConfig:
             (self.huber_c > 0, "--huber-c must be > 0"),
             (self.pool_size >= 1, "--pool-size must be >= 1"),
             (0.0 <= self.caption_dropout <= 1.0, "--caption-dropout must be in [0, 1]"),
+            (0.0 <= self.snr_gamma < float("inf"), "--snr-gamma must be a finite number >= 0"),
             (self.resolution >= 0, "--resolution must be >= 0"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),

@@ -12,6 +12,7 @@ run in their own short loops, checkpointed like every run. The shipped copy is s
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -28,9 +29,9 @@ from ..training.config import opt
 from .captions import RELATIONS, CaptionLabels, caption, caption_with_labels
 from .render import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES, render_batch, sample_scene
 
-UNET_CHANNELS = (32, 64, 64)
+UNET_CHANNELS = (48, 96, 96)
 UNET_HEADS = (2, 8, 8)
-VAE_CHANNELS = (16, 32)
+VAE_CHANNELS = (32, 64)
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 3
 TEXT_HEADS = 4
@@ -77,16 +78,20 @@ class PretrainConfig:
     output_dir: str = opt(
         "runs/pretrain", "run folder; the finished pipeline is written to OUTPUT_DIR/unet/model"
     )
-    vae_steps: int = opt(3000, "autoencoder training steps")
+    vae_steps: int = opt(3000, "autoencoder training steps (cosine learning-rate decay over them)")
     text_steps: int = opt(800, "text encoder training steps")
-    unet_steps: int = opt(3000, "UNet training steps")
-    vae_batch_size: int = opt(16, "images per autoencoder step")
+    unet_steps: int = opt(
+        6000, "UNet training steps (constant lr: a shorter run is a prefix of a longer one)"
+    )
+    vae_batch_size: int = opt(32, "images per autoencoder step")
     text_batch_size: int = opt(128, "captions per text encoder step")
     batch_size: int = opt(32, "images per UNet step")
     vae_lr: float = opt(1e-3, "autoencoder learning rate")
     text_lr: float = opt(1e-3, "text encoder learning rate")
     unet_lr: float = opt(5e-4, "UNet learning rate")
     caption_dropout: float = opt(0.1, "probability of training on the empty prompt (unconditional)")
+    ema_decay: float = opt(0.999, "EMA rate of the UNet weights; the EMA is the shipped model")
+    snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting of the UNet phase (0 = off)")
     checkpoint_every: int = opt(200, "steps between checkpoints")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "auto, cpu, cuda")
@@ -99,6 +104,10 @@ class PretrainConfig:
             raise SelfNPOError("step counts and batch sizes must be >= 1")
         if not all(0 < lr < 1 for lr in (self.vae_lr, self.text_lr, self.unet_lr)):
             raise SelfNPOError("learning rates must be in (0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise SelfNPOError("--ema-decay must be in [0, 1)")
+        if not 0.0 <= self.snr_gamma < float("inf"):
+            raise SelfNPOError("--snr-gamma must be a finite number >= 0")
         if self.resume and self.overwrite:
             raise SelfNPOError("--resume and --overwrite exclude each other")
         return self
@@ -170,6 +179,8 @@ def train_vae(pipe, cfg: PretrainConfig, run: Path, progress: bool) -> None:
         seed = int(torch.randint(2**62, (1,), generator=g, device=g.device).item())
         _, images = world_batch(np.random.default_rng(seed), cfg.vae_batch_size, "any")
         loss = _vae_loss(vae, images_to_unit(images).to(vae.device), g)
+        for group in opt_.param_groups:
+            group["lr"] = cfg.vae_lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.vae_steps))
         opt_.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -318,6 +329,8 @@ def _prepare(cfg: PretrainConfig) -> Path:
                 "vae_lr",
                 "unet_lr",
                 "caption_dropout",
+                "ema_decay",
+                "snr_gamma",
             ):
                 if saved.get(k) != getattr(cfg, k):
                     raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r}, now {getattr(cfg, k)!r}")
@@ -354,6 +367,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         pipe = build_world_pipeline(tok, cfg.seed).to(dev)
         train_vae(pipe, cfg, run, progress)
         set_latent_scale(pipe, cfg.seed + 1)
+        _record_reconstruction(pipe, run / "vae" / "reconstruction.json", cfg.seed + 5)
         train_text_encoder(pipe, cfg, run, progress)
         with atomic_dir(base) as tmp:
             pipe.save_pretrained(tmp)
@@ -366,7 +380,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         output_dir=str(run / "unet"),
         objective="diffusion",
         train="full",
-        teacher="frozen",
+        teacher="ema",
+        ema_decay=cfg.ema_decay,
+        snr_gamma=cfg.snr_gamma,
         lr=cfg.unet_lr,
         weight_decay=0.0,
         steps=cfg.unet_steps,
@@ -381,7 +397,46 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     )
     pipe = load_pipeline(str(base), device=cfg.device, dtype="fp32")
     train(tc, progress=progress, source=WorldSource(DiffusionModel(pipe)), pipe=pipe)
-    return run / "unet" / "model"
+    return export_ema(run, run / "model")
+
+
+def ema_pipeline(run: Path, device: str = "cpu"):
+    """The pipeline of a pretraining run with the UNet's EMA weights from its newest checkpoint."""
+    from ..models.loading import load_pipeline
+
+    pipe = load_pipeline(str(run / "base"), device=device, dtype="fp32")
+    state = load_latest(run / "unet")
+    if state is None:
+        raise SelfNPOError(f"{run}: no UNet checkpoint yet")
+    tensors, meta = state
+    with torch.no_grad():
+        for i, p in enumerate(pipe.unet.parameters()):
+            p.copy_(tensors[f"teacher.{i}"])
+    return pipe
+
+
+def export_ema(run: Path, dest: Path) -> Path:
+    """Write the EMA pipeline of ``run``'s newest UNet checkpoint to ``dest`` (fp32 diffusers folder)."""
+    pipe = ema_pipeline(run)
+    with atomic_dir(dest) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return dest
+
+
+@torch.no_grad()
+def _record_reconstruction(pipe, path: Path, seed: int) -> None:
+    """Classifier alignment and per-attribute accuracy on 256 autoencoder round trips."""
+    from .classifier import alignment, load_classifier, scene_accuracy
+
+    rng = np.random.default_rng(seed)
+    images, scenes = render_batch(rng, 256, "any")
+    caps = [caption(sc, rng) for sc in scenes]
+    x = images_to_unit(images).to(pipe.vae.device)
+    rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).cpu()
+    clf = load_classifier()
+    out = {"alignment": float(alignment(clf, rec, caps).float().mean())}
+    out.update({k: float(v) for k, v in scene_accuracy(clf, rec, scenes).items()})
+    atomic_write_text(path, json.dumps(out, indent=2))
 
 
 def export_model(model_dir: Path, dest: Path) -> None:
