@@ -78,7 +78,7 @@ class PretrainConfig:
     output_dir: str = opt(
         "runs/pretrain", "run folder; the finished pipeline is written to OUTPUT_DIR/unet/model"
     )
-    vae_steps: int = opt(3000, "autoencoder training steps (cosine learning-rate decay over them)")
+    vae_steps: int = opt(2000, "autoencoder training steps (cosine learning-rate decay over them)")
     text_steps: int = opt(800, "text encoder training steps")
     unet_steps: int = opt(
         6000, "UNet training steps (constant lr: a shorter run is a prefix of a longer one)"
