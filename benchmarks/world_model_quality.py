@@ -26,29 +26,45 @@ from selfnpo.world.model import images_to_unit, shipped_model_dir, world_batch, 
 
 @torch.no_grad()
 def attribute_accuracy(clf, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    """Fractions of images whose decoded scene gets each attribute of the prompt right."""
+    """Fractions of stated attributes that the classifier's decoded scene gets right.
+
+    Per stated object: ``colour`` (some decoded object has its colour), ``shape`` (some decoded
+    object has its shape), ``first`` (some decoded object has the first object's shape and colour
+    together), ``position`` (over objects whose cell is stated: that cell is occupied); per image:
+    ``count`` (as many objects as stated) and ``background`` (over prompts that state one).
+    """
     scenes = decode(clf(images))
-    hits = dict(count=0, first=0, shape=0, colour=0, background=0)
-    n_bg = 0
+    hits = {k: 0 for k in ("count", "first", "shape", "colour", "position", "background")}
+    n = {k: 0 for k in hits}
     for text, scene in zip(prompts, scenes, strict=True):
         lab = parse_caption(text)
-        o = lab.objects[0]
+        o0 = lab.objects[0]
+        cells = {s.position for s in scene.objects}
         hits["count"] += len(scene.objects) == len(lab.objects)
-        hits["first"] += any(s.shape == o.shape and s.colour == o.colour for s in scene.objects)
-        hits["shape"] += any(s.shape == o.shape for s in scene.objects)
-        hits["colour"] += any(s.colour == o.colour for s in scene.objects)
+        hits["first"] += any(s.shape == o0.shape and s.colour == o0.colour for s in scene.objects)
+        n["count"] += 1
+        n["first"] += 1
+        for o in lab.objects:
+            hits["shape"] += any(s.shape == o.shape for s in scene.objects)
+            hits["colour"] += any(s.colour == o.colour for s in scene.objects)
+            n["shape"] += 1
+            n["colour"] += 1
+            if o.position is not None:
+                hits["position"] += o.position in cells
+                n["position"] += 1
         if lab.background is not None:
-            n_bg += 1
+            n["background"] += 1
             hits["background"] += scene.background == lab.background
-    return {k: v / (max(n_bg, 1) if k == "background" else len(prompts)) for k, v in hits.items()}
+    return {k: hits[k] / max(n[k], 1) for k in hits}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(shipped_model_dir()), help="pipeline folder (default: shipped)")
-    ap.add_argument("--n", type=int, default=64, help="images per setting")
+    ap.add_argument("--n", type=int, default=128, help="images per setting")
     ap.add_argument("--guidance-scales", default="1,3,6")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    ap.add_argument("--splits", default="train,heldout", help="prompt splits")
     a = ap.parse_args()
     pipe = load_pipeline(a.model, device="cpu", dtype="fp32")
     clf = load_classifier()
@@ -61,17 +77,17 @@ def main() -> None:
         f"(on the renders themselves: {alignment(clf, x, caps).float().mean():.3f})"
     )
     print(
-        "| split | g | strict alignment | mean reward | count | first object | its shape | its colour"
-        " | background |\n|---|---|---|---|---|---|---|---|---|"
+        "| split | g | strict alignment | mean reward | count | first object | shape | colour | position"
+        " | background |\n|---|---|---|---|---|---|---|---|---|---|"
     )
-    for split in ("train", "heldout"):
+    for split in a.splits.split(","):
         prompts = world_prompts(a.n, split, 5)
         for g in (float(v) for v in a.guidance_scales.split(",")):
             imgs = images_to_tensor(generate_uint8(pipe, prompts, list(range(a.n)), g, a.steps))
             with torch.no_grad():
                 r = reward(clf, imgs, prompts).mean()
             acc = attribute_accuracy(clf, imgs, prompts)
-            cols = " | ".join(f"{acc[k]:.3f}" for k in ("count", "first", "shape", "colour", "background"))
+            cols = " | ".join(f"{acc[k]:.3f}" for k in ("count", "first", "shape", "colour", "position", "background"))
             print(
                 f"| {split} | {g:g} | {alignment(clf, imgs, prompts).float().mean():.3f} | {r:.1f} | {cols} |"
             )

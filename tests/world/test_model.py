@@ -73,6 +73,7 @@ def test_pretrain_smoke_and_resume(tmp_path):
         vae_batch_size=2,
         text_batch_size=4,
         checkpoint_every=1,
+        weak_steps=1,
     )
     model = pretrain(PretrainConfig(output_dir=str(tmp_path / "a"), **cfg), progress=False)
     pipe = StableDiffusionPipeline.from_pretrained(str(model))
@@ -87,6 +88,8 @@ def test_pretrain_smoke_and_resume(tmp_path):
     ).unet.state_dict()
     ema = pipe.unet.state_dict()
     assert any(not torch.equal(student[k], ema[k]) for k in ema)
+    weak = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a" / "weak-model")).unet.state_dict()
+    assert any(not torch.equal(weak[k], ema[k]) for k in ema)  # the EMA one step earlier
     with pytest.raises(SelfNPOError, match="text_steps"):
         pretrain(PretrainConfig(output_dir=str(tmp_path / "a"), resume=True, **{**cfg, "text_steps": 3}))
     half = pretrain(

@@ -76,7 +76,7 @@ class PretrainConfig:
     """Train the embedded world model from scratch (VAE, text encoder, then UNet)."""
 
     output_dir: str = opt(
-        "runs/pretrain", "run folder; the finished pipeline is written to OUTPUT_DIR/unet/model"
+        "runs/pretrain", "run folder; the finished pipeline (EMA weights) is written to OUTPUT_DIR/model"
     )
     vae_steps: int = opt(2000, "autoencoder training steps (cosine learning-rate decay over them)")
     text_steps: int = opt(800, "text encoder training steps")
@@ -92,6 +92,10 @@ class PretrainConfig:
     caption_dropout: float = opt(0.1, "probability of training on the empty prompt (unconditional)")
     ema_decay: float = opt(0.999, "EMA rate of the UNet weights; the EMA is the shipped model")
     snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting of the UNet phase (0 = off)")
+    weak_steps: int = opt(
+        1000, "also keep the EMA model at this UNet step as OUTPUT_DIR/weak-model (autoguidance; 0 = off)"
+    )
+    export: str = opt("", "also write the shipped form (UNet and VAE in fp16) to this folder")
     checkpoint_every: int = opt(200, "steps between checkpoints")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "auto, cpu, cuda")
@@ -374,30 +378,48 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     prompts = run / "train_prompts.txt"
     if not prompts.is_file():
         atomic_write_text(prompts, "\n".join(world_prompts(1000, "train", cfg.seed)) + "\n")
-    tc = TrainConfig(
-        model=str(base),
-        prompts=str(prompts),
-        output_dir=str(run / "unet"),
-        objective="diffusion",
-        train="full",
-        teacher="ema",
-        ema_decay=cfg.ema_decay,
-        snr_gamma=cfg.snr_gamma,
-        lr=cfg.unet_lr,
-        weight_decay=0.0,
-        steps=cfg.unet_steps,
-        batch_size=cfg.batch_size,
-        caption_dropout=cfg.caption_dropout,
-        checkpoint_every=cfg.checkpoint_every,
-        seed=cfg.seed,
-        device=cfg.device,
-        save_model=True,
-        resume=(run / "unet" / "config.json").is_file(),
-        log_every=50,
-    )
-    pipe = load_pipeline(str(base), device=cfg.device, dtype="fp32")
-    train(tc, progress=progress, source=WorldSource(DiffusionModel(pipe)), pipe=pipe)
-    return export_ema(run, run / "model")
+    weak = run / "weak-model"
+    segments = [cfg.unet_steps]
+    if 0 < cfg.weak_steps < cfg.unet_steps and not weak.is_dir() and _unet_step(run) < cfg.weak_steps:
+        segments.insert(0, cfg.weak_steps)
+    for steps in segments:  # a resumed run ends bit-identical to one uninterrupted run
+        tc = TrainConfig(
+            model=str(base),
+            prompts=str(prompts),
+            output_dir=str(run / "unet"),
+            objective="diffusion",
+            train="full",
+            teacher="ema",
+            ema_decay=cfg.ema_decay,
+            snr_gamma=cfg.snr_gamma,
+            lr=cfg.unet_lr,
+            weight_decay=0.0,
+            steps=steps,
+            batch_size=cfg.batch_size,
+            caption_dropout=cfg.caption_dropout,
+            checkpoint_every=cfg.checkpoint_every,
+            seed=cfg.seed,
+            device=cfg.device,
+            save_model=True,
+            resume=(run / "unet" / "config.json").is_file(),
+            log_every=50,
+        )
+        pipe = load_pipeline(str(base), device=cfg.device, dtype="fp32")
+        train(tc, progress=progress, source=WorldSource(DiffusionModel(pipe)), pipe=pipe)
+        if steps == cfg.weak_steps:
+            export_ema(run, weak)
+    model = export_ema(run, run / "model")
+    if cfg.export:
+        export_model(model, Path(cfg.export))
+    return model
+
+
+def _unet_step(run: Path) -> int:
+    """Step of the newest UNet checkpoint of a pretraining run (0 if none)."""
+    from ..training.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(run / "unet")
+    return int(ckpts[-1].name.split("-")[-1]) if ckpts else 0
 
 
 def ema_pipeline(run: Path, device: str = "cpu"):
