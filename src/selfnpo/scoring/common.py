@@ -1,0 +1,144 @@
+"""What every reward model shares: weight files, pretrained folders, and CLIP-style preprocessing.
+
+Preprocessing follows the references' torchvision pipelines on PIL images, written with PIL and
+numpy: ``Resize(n, BICUBIC)`` on the short side (long side ``int(n * long / short)``), then
+``CenterCrop(n)`` with torchvision's rounding, or open_clip's ``ResizeMaxSize`` (long side to
+``n``, zero padding) for HPSv2; then ``ToTensor`` and ``Normalize``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import SelfNPOError
+
+# OpenAI CLIP's normalisation; open_clip, PickScore, HPSv2 and BLIP/ImageReward all use it.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.path.exists(spec)
+
+
+def resolve_file(spec: str, flag: str, what: str) -> Path:
+    """A local weight file, or ``owner/repo/path/in/repo`` fetched from the hub (unless offline)."""
+    if not spec:
+        raise SelfNPOError(f"{what}: pass {flag} FILE")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    parts = spec.split("/", 2)
+    if _looks_local(spec) or len(parts) < 3:
+        raise SelfNPOError(f"{spec}: {what} weight file not found (pass {flag} FILE)")
+    repo, name = "/".join(parts[:2]), parts[2]
+    hint = f"{what}: download {name} from https://huggingface.co/{repo} and pass {flag} FILE"
+    if _offline():
+        raise SelfNPOError(f"{hint} (offline)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, name))
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one line
+        raise SelfNPOError(f"{hint} ({type(e).__name__})") from None
+
+
+def load_weights(path: str | Path) -> dict:
+    """A state dict from safetensors, or from a torch file with ``weights_only=True`` (never a full unpickle)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:160] if str(e).strip() else ""
+        raise SelfNPOError(
+            f"{path}: not a plain weights file; refusing to unpickle arbitrary objects ({first})"
+        ) from None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise SelfNPOError(f"{path}: unreadable weight file ({msg})") from None
+
+
+def load_pretrained(cls, spec: str, flag: str, what: str, **kw):
+    """``cls.from_pretrained(spec)`` for a local folder or hub id; failures become one line."""
+    if not spec:
+        raise SelfNPOError(f"{what}: pass {flag} FOLDER")
+    local = _looks_local(spec)
+    if local and not os.path.isdir(os.path.expanduser(spec)):
+        raise SelfNPOError(f"{spec}: no such folder ({what}, {flag})")
+    try:
+        return cls.from_pretrained(os.path.expanduser(spec) if local else spec, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        if local:
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise SelfNPOError(f"{spec}: cannot load {what} ({msg})") from None
+        raise SelfNPOError(
+            f"{what}: download {spec} (e.g. `hf download {spec} --local-dir DIR`) and pass {flag} DIR"
+            + (" (offline)" if _offline() else "")
+        ) from None
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision ``Resize(size, BICUBIC)`` then ``CenterCrop(size)`` on a PIL image."""
+    w, h = image.size
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    image = image.resize(new, Image.BICUBIC)
+    left = int(round((new[0] - size) / 2.0))
+    top = int(round((new[1] - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def resize_max_pad(image: Image.Image, size: int) -> Image.Image:
+    """open_clip ``ResizeMaxSize(size)``: the long side to ``size`` (BICUBIC), zero padding centred."""
+    w, h = image.size
+    scale = size / max(w, h)
+    new = (round(w * scale), round(h * scale))
+    image = image.resize(new, Image.BICUBIC)
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    canvas.paste(image, ((size - new[0]) // 2, (size - new[1]) // 2))
+    return canvas
+
+
+def to_pixels(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """``ToTensor`` + ``Normalize``: [3, H, W] float32."""
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def clip_pixels(images, size: int, mode: str = "crop") -> torch.Tensor:
+    """A batch [B, 3, size, size] of RGB images, preprocessed as CLIP (crop) or open_clip val (pad)."""
+    fit = resize_center_crop if mode == "crop" else resize_max_pad
+    return torch.stack([to_pixels(fit(im.convert("RGB"), size)) for im in images])
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (in float32)."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def clip_features(model, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask=None):
+    """Projected image and text embeddings of a transformers ``CLIPModel`` (not normalised)."""
+    dtype = next(model.parameters()).dtype
+    vision = model.vision_model(pixel_values=pixels.to(model.device, dtype)).pooler_output
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(model.device)
+    text = model.text_model(input_ids=input_ids.to(model.device), attention_mask=attention_mask).pooler_output
+    return model.visual_projection(vision), model.text_projection(text)
