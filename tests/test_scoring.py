@@ -338,3 +338,287 @@ def test_offline_hub_names_what_to_download(monkeypatch):
         common.load_pretrained(
             CLIPModel, "openai/clip-vit-large-patch14", "--clip-model", "CLIP", local_files_only=True
         )
+
+
+# ---------------------------------------------------------------- ImageReward: BLIP key names
+
+WORDS = [
+    "a",
+    "red",
+    "circle",
+    "blue",
+    "square",
+    "at",
+    "the",
+    "top",
+    ",",
+    "with",
+    "long",
+    "tail",
+    "of",
+    "words",
+]
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return d
+
+
+def _blip_state(vocab: int, seed=3, vw=24, tw=16, layers=2, patch=16, grid=2, positions=40):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    st = {
+        v + "cls_token": r(1, 1, vw),
+        v + "pos_embed": r(1, grid * grid + 1, vw),
+        v + "patch_embed.proj.weight": r(vw, 3, patch, patch),
+        v + "patch_embed.proj.bias": r(vw),
+        v + "norm.weight": 1 + r(vw),
+        v + "norm.bias": r(vw),
+        t + "embeddings.word_embeddings.weight": r(vocab, tw),
+        t + "embeddings.position_embeddings.weight": r(positions, tw),
+        t + "embeddings.LayerNorm.weight": 1 + r(tw),
+        t + "embeddings.LayerNorm.bias": r(tw),
+        t + "embeddings.position_ids": torch.arange(positions)[None],
+    }
+    for i in range(layers):
+        b = f"{v}blocks.{i}."
+        for n, shape in [
+            ("norm1", (vw,)),
+            ("norm2", (vw,)),
+            ("attn.qkv", (3 * vw, vw)),
+            ("attn.proj", (vw, vw)),
+            ("mlp.fc1", (2 * vw, vw)),
+            ("mlp.fc2", (vw, 2 * vw)),
+        ]:
+            st[b + n + ".weight"] = (1 + r(*shape)) if n.startswith("norm") else r(*shape)
+            st[b + n + ".bias"] = r(shape[0])
+        b = f"{t}encoder.layer.{i}."
+        for att, kv in (("attention", tw), ("crossattention", vw)):
+            for n, cols in (("query", tw), ("key", kv), ("value", kv)):
+                st[f"{b}{att}.self.{n}.weight"], st[f"{b}{att}.self.{n}.bias"] = r(tw, cols), r(tw)
+            st[f"{b}{att}.output.dense.weight"], st[f"{b}{att}.output.dense.bias"] = r(tw, tw), r(tw)
+            st[f"{b}{att}.output.LayerNorm.weight"], st[f"{b}{att}.output.LayerNorm.bias"] = 1 + r(tw), r(tw)
+        st[b + "intermediate.dense.weight"], st[b + "intermediate.dense.bias"] = r(2 * tw, tw), r(2 * tw)
+        st[b + "output.dense.weight"], st[b + "output.dense.bias"] = r(tw, 2 * tw), r(tw)
+        st[b + "output.LayerNorm.weight"], st[b + "output.LayerNorm.bias"] = 1 + r(tw), r(tw)
+    st.update({"mlp." + k: v for k, v in _aesthetic_state(dims=(tw, 12, 8, 6, 4, 1), seed=seed).items()})
+    return st
+
+
+def _attend(q, k, v, heads, bias=None):
+    b, n, d = q.shape
+    split = lambda x: x.reshape(b, -1, heads, d // heads).transpose(1, 2)  # noqa: E731
+    a = split(q) @ split(k).transpose(-1, -2) / math.sqrt(d // heads)
+    if bias is not None:
+        a = a + bias
+    return (a.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, n, d)
+
+
+@torch.no_grad()
+def _blip_reward(st, pixels, ids, mask, heads=2):
+    """ImageReward's ``score`` written out: BLIP ViT, BLIP BERT with cross-attention, MLP, standardise."""
+    p = lambda k: st["blip." + k]  # noqa: E731
+    lin = lambda x, k: F.linear(x, p(k + ".weight"), p(k + ".bias"))  # noqa: E731
+    x = F.conv2d(
+        pixels,
+        p("visual_encoder.patch_embed.proj.weight"),
+        p("visual_encoder.patch_embed.proj.bias"),
+        stride=16,
+    )
+    x = x.flatten(2).transpose(1, 2)
+    vw = x.shape[-1]
+    x = torch.cat([p("visual_encoder.cls_token").expand(len(x), 1, vw), x], 1) + p("visual_encoder.pos_embed")
+    ln6 = lambda x, k: F.layer_norm(x, (x.shape[-1],), p(k + ".weight"), p(k + ".bias"), eps=1e-6)  # noqa: E731
+    for i in range(2):
+        b = f"visual_encoder.blocks.{i}."
+        q, k, v = lin(ln6(x, b + "norm1"), b + "attn.qkv").chunk(3, -1)
+        x = x + lin(_attend(q, k, v, heads), b + "attn.proj")
+        x = x + lin(F.gelu(lin(ln6(x, b + "norm2"), b + "mlp.fc1")), b + "mlp.fc2")
+    img = ln6(x, "visual_encoder.norm")
+    ln12 = lambda x, k: F.layer_norm(x, (x.shape[-1],), p(k + ".weight"), p(k + ".bias"), eps=1e-12)  # noqa: E731
+    t = "text_encoder."
+    h = (
+        p(t + "embeddings.word_embeddings.weight")[ids]
+        + p(t + "embeddings.position_embeddings.weight")[: ids.shape[1]]
+    )
+    h = ln12(h, t + "embeddings.LayerNorm")
+    pad = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    for i in range(2):
+        b = f"{t}encoder.layer.{i}."
+        a = _attend(
+            lin(h, b + "attention.self.query"),
+            lin(h, b + "attention.self.key"),
+            lin(h, b + "attention.self.value"),
+            heads,
+            pad,
+        )
+        h = ln12(h + lin(a, b + "attention.output.dense"), b + "attention.output.LayerNorm")
+        c = b + "crossattention."
+        a = _attend(lin(h, c + "self.query"), lin(img, c + "self.key"), lin(img, c + "self.value"), heads)
+        h = ln12(h + lin(a, c + "output.dense"), c + "output.LayerNorm")
+        h = ln12(
+            h + lin(F.gelu(lin(h, b + "intermediate.dense")), b + "output.dense"), b + "output.LayerNorm"
+        )
+    r = h[:, 0]
+    for i in (0, 2, 4, 6, 7):
+        r = F.linear(r, st[f"mlp.layers.{i}.weight"], st[f"mlp.layers.{i}.bias"])
+    return (r[:, 0] - imagereward.MEAN) / imagereward.STD
+
+
+def test_imagereward_equals_blip_forward(bert_dir, tmp_path):
+    from transformers import BertTokenizer
+
+    tok = BertTokenizer.from_pretrained(bert_dir)
+    st = _blip_state(len(tok))
+    path = tmp_path / "ImageReward.pt"
+    torch.save(st, path)
+    scorer = imagereward.build(common.load_weights(path), path, tok, vision_heads=2, text_heads=2)
+    ims = _images(2, (40, 48))
+    enc = tok(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    expect = _blip_reward(st, common.clip_pixels(ims, 32), enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(scorer(ims, PROMPTS), expect, atol=1e-5, rtol=1e-4)
+    assert (enc["attention_mask"] == 0).any()  # padding is exercised
+
+
+def test_imagereward_bad_checkpoints_one_line(bert_dir):
+    from transformers import BertTokenizer
+
+    tok = BertTokenizer.from_pretrained(bert_dir)
+    st = _blip_state(len(tok))
+    with pytest.raises(SelfNPOError, match="missing blip.visual_encoder.norm.weight"):
+        imagereward.build(
+            {k: v for k, v in st.items() if k != "blip.visual_encoder.norm.weight"}, "ir.pt", tok, 2, 2
+        )
+    bad = dict(st, **{"blip.text_encoder.encoder.layer.1.output.dense.bias": torch.zeros(5)})
+    with pytest.raises(SelfNPOError, match="does not fit"):
+        imagereward.build(bad, "ir.pt", tok, 2, 2)
+    with pytest.raises(SelfNPOError, match="no reward MLP head"):
+        imagereward.build(
+            {k: v for k, v in st.items() if not k.startswith("mlp.layers.7")}, "ir.pt", tok, 2, 2
+        )
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _generate_folder(path, prompts, seeds, image_seed):
+    """A folder in the format selfnpo generate writes: 00000.png ... and images.jsonl."""
+    path.mkdir(parents=True)
+    ims = _images(len(prompts), (32, 32), image_seed)
+    recs = []
+    for i, (p, s, im) in enumerate(zip(prompts, seeds, ims, strict=True)):
+        im.save(path / f"{i:05d}.png")
+        recs.append({"index": i, "prompt": p, "seed": s, "file": f"{i:05d}.png"})
+    (path / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def weights(clip_dir, clip_tok, bert_dir, tmp_path_factory):
+    """All five rewards' files, tiny, each in its reference's format (heads = width // 64 as for the real ones)."""
+    from transformers import BertTokenizer
+
+    d = tmp_path_factory.mktemp("weights")
+    torch.save(_aesthetic_state(), d / "aesthetic.pth")
+    torch.save({"state_dict": _open_clip_state(len(clip_tok[0]), vw=64, tw=64)}, d / "hps.pt")
+    torch.save(_blip_state(len(BertTokenizer.from_pretrained(bert_dir)), vw=64, tw=64), d / "ImageReward.pt")
+    return [
+        "--clip-model", str(clip_dir), "--pickscore-model", str(clip_dir), "--pickscore-tokenizer", str(clip_dir),
+        "--aesthetic-clip", str(clip_dir), "--aesthetic-weights", str(d / "aesthetic.pth"),
+        "--hps-weights", str(d / "hps.pt"), "--hps-tokenizer", str(clip_tok[1]),
+        "--imagereward-weights", str(d / "ImageReward.pt"), "--imagereward-tokenizer", str(bert_dir),
+    ]  # fmt: skip
+
+
+ALL = "pickscore,hpsv2,imagereward,aesthetic,clip"
+
+
+def test_score_command_paired(tmp_path, weights, clip_dir, capsys):
+    prompts = ["a red circle", "blue square", "a long tail", "the top", "red words"]
+    a = _generate_folder(tmp_path / "a", prompts, range(10, 15), 1)
+    b = _generate_folder(tmp_path / "b", prompts, range(10, 15), 2)
+    out = tmp_path / "scores"
+    argv = ["score", "--images", a, "--baseline", b, "--output-dir", str(out), "--models", ALL]
+    rc = cli.main([*argv, *weights, "--batch-size", "2", "--n-boot", "200"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "win rate" in captured.out
+    rows = [json.loads(ln) for ln in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == list(range(10, 15)) and [r["prompt"] for r in rows] == prompts
+    header = (out / "scores.csv").read_text().splitlines()[0]
+    assert header == "index,file,seed,prompt," + ALL
+    model, tok = _clip(clip_dir)
+    direct = PickScore(model, tok)([Image.open(tmp_path / "a" / r["file"]) for r in rows], prompts)
+    torch.testing.assert_close(torch.tensor([r["pickscore"] for r in rows]), direct, atol=1e-5, rtol=1e-5)
+    for name in ALL.split(",")[:-1]:  # not clip: random weights give cosines < 0, clamped to 0
+        assert len({r[name] for r in rows}) > 1, name  # the scores depend on the image and prompt
+    table = json.loads((out / "comparison.json").read_text())
+    assert [t["reward"] for t in table] == ALL.split(",")
+    base = [json.loads(ln) for ln in (out / "baseline_scores.jsonl").read_text().splitlines()]
+    for t in table:
+        diff = np.mean([r[t["reward"]] - q[t["reward"]] for r, q in zip(rows, base, strict=True)])
+        assert t["diff"] == pytest.approx(diff) and t["diff_lo"] <= t["diff"] <= t["diff_hi"]
+        assert 0 <= t["win_lo"] <= t["win_rate"] <= t["win_hi"] <= 1 and t["n"] == 5
+
+
+def test_score_folder_against_itself_is_a_tie(tmp_path, clip_dir):
+    from selfnpo.scoring.run import ScoreConfig, run_score
+
+    a = _generate_folder(tmp_path / "a", ["a red circle", "blue square", "red"], [0, 1, 2], 1)
+    cfg = ScoreConfig(
+        images=a,
+        baseline=a,
+        output_dir=str(tmp_path / "o"),
+        models="pickscore",
+        pickscore_model=str(clip_dir),
+        pickscore_tokenizer=str(clip_dir),
+    )
+    (t,) = run_score(cfg, progress=lambda s: None)["comparison"]
+    assert (t["diff"], t["diff_lo"], t["diff_hi"], t["win_rate"]) == (0.0, 0.0, 0.0, 0.5)
+
+
+def test_score_command_on_generate_output(tmp_path, tiny_sd, prompts_file, clip_dir, capsys):
+    out = tmp_path / "gen"
+    gen = ["generate", "--quiet", "--model", tiny_sd, "--prompts", prompts_file, "--steps", "2"]
+    assert cli.main([*gen, "--output-dir", str(out)]) == 0
+    argv = ["score", "--quiet", "--images", str(out), "--output-dir", str(tmp_path / "s"), "--models", "clip"]
+    assert cli.main([*argv, "--clip-model", str(clip_dir)]) == 0, capsys.readouterr().err
+    lines = (tmp_path / "s" / "scores.csv").read_text().splitlines()
+    assert len(lines) == 5 and lines[1].startswith("0,00000.png,0,a red circle,")
+
+
+def _err(capsys, *argv):
+    rc = cli.main(["score", "--quiet", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_score_command_errors_one_line(tmp_path, clip_dir, weights, capsys):
+    a = _generate_folder(tmp_path / "a", ["red", "blue"], [0, 1], 1)
+    b = _generate_folder(tmp_path / "b", ["red", "blue"], [0, 2], 2)
+    out = ["--output-dir", str(tmp_path / "o")]
+    assert "differ at image 1" in _err(
+        capsys, "--images", a, "--baseline", b, "--models", "clip", *out, *weights
+    )
+    assert "no images.jsonl" in _err(capsys, "--images", str(tmp_path), "--models", "clip", *out, *weights)
+    assert "unknown --models" in _err(capsys, "--images", a, "--models", "fid", *out)
+    # Offline with the default hub names: one line naming every download.
+    err = _err(capsys, "--images", a, *out)
+    for what in (
+        "PickScore_v1",
+        "HPS_v2.1_compressed.pt",
+        "ImageReward.pt",
+        "sac+logos+ava1-l14-linearMSE.pth",
+    ):
+        assert what in err
+    evil = tmp_path / "evil.pth"
+    torch.save({"layers.0.weight": torch.zeros(1), "x": _NotWeights()}, evil)
+    err = _err(
+        capsys, "--images", a, "--models", "aesthetic", *out, *weights, "--aesthetic-weights", str(evil)
+    )
+    assert "refusing to unpickle" in err

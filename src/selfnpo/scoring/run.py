@@ -14,7 +14,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from ..errors import SelfNPOError
