@@ -102,7 +102,13 @@ def test_resize_max_pad_pads_with_black():
     black = -torch.tensor(common.CLIP_MEAN) / torch.tensor(common.CLIP_STD)
     torch.testing.assert_close(x[:, :8].mean((1, 2)), black)
     torch.testing.assert_close(x[:, 24:].mean((1, 2)), black)
-    torch.testing.assert_close(x[:, 8:24], common.to_pixels(im.resize((32, 16), Image.BICUBIC)))
+    t = torch.tensor(np.array(im), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    content = F.interpolate(t, size=(16, 32), mode="bicubic", antialias=True)[
+        0
+    ]  # torchvision's tensor resize
+    torch.testing.assert_close(x[:, 8:24], common.normalize(content))
+    # No clamping after the float resize, as in the reference (bicubic overshoots [0, 1] at edges).
+    assert common.resize_max_pad(t[0], 32).shape == (3, 32, 32)
 
 
 def test_pickscore_and_clip_score_equal_clip_forward(clip_dir):

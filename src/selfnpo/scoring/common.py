@@ -2,8 +2,9 @@
 
 Preprocessing follows the references' torchvision pipelines on PIL images, written with PIL and
 numpy: ``Resize(n, BICUBIC)`` on the short side (long side ``int(n * long / short)``), then
-``CenterCrop(n)`` with torchvision's rounding, or open_clip's ``ResizeMaxSize`` (long side to
-``n``, zero padding) for HPSv2; then ``ToTensor`` and ``Normalize``.
+``CenterCrop(n)`` with torchvision's rounding, then ``ToTensor`` and ``Normalize``; or, for HPSv2,
+``ToTensor`` first and then open_clip's ``ResizeMaxSize`` (long side to ``n`` on the float tensor,
+zero padding) and ``Normalize``, in the order HPSv2's transform has them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import SelfNPOError
@@ -104,28 +106,44 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def resize_max_pad(image: Image.Image, size: int) -> Image.Image:
-    """open_clip ``ResizeMaxSize(size)``: the long side to ``size`` (BICUBIC), zero padding centred."""
-    w, h = image.size
-    scale = size / max(w, h)
-    new = (round(w * scale), round(h * scale))
-    image = image.resize(new, Image.BICUBIC)
-    canvas = Image.new("RGB", (size, size), (0, 0, 0))
-    canvas.paste(image, ((size - new[0]) // 2, (size - new[1]) // 2))
-    return canvas
+def resize_max_pad(x: torch.Tensor, size: int) -> torch.Tensor:
+    """open_clip ``ResizeMaxSize(size)`` as HPSv2 applies it, *after* ``ToTensor``: [3, H, W] in [0, 1].
+
+    The long side goes to ``size`` by torchvision's tensor resize (bicubic, antialiased, on floats:
+    no uint8 rounding, no clamping), then zero padding (black) centred.
+    """
+    h, w = x.shape[-2:]
+    scale = size / max(h, w)
+    new = (round(h * scale), round(w * scale))
+    if new != (h, w):
+        x = F.interpolate(x[None], size=new, mode="bicubic", align_corners=False, antialias=True)[0]
+    top, left = (size - new[0]) // 2, (size - new[1]) // 2
+    return F.pad(x, (left, size - new[1] - left, top, size - new[0] - top), value=0.0)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """``ToTensor``: [3, H, W] float32 in [0, 1]."""
+    x = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def normalize(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """``Normalize``: (x - mean) / std per channel of [..., 3, H, W]."""
+    m = torch.tensor(mean, dtype=x.dtype)[:, None, None]
+    return (x - m) / torch.tensor(std, dtype=x.dtype)[:, None, None]
 
 
 def to_pixels(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """``ToTensor`` + ``Normalize``: [3, H, W] float32."""
-    x = np.asarray(image, dtype=np.float32) / 255.0
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return normalize(to_tensor(image), mean, std)
 
 
 def clip_pixels(images, size: int, mode: str = "crop") -> torch.Tensor:
-    """A batch [B, 3, size, size] of RGB images, preprocessed as CLIP (crop) or open_clip val (pad)."""
-    fit = resize_center_crop if mode == "crop" else resize_max_pad
-    return torch.stack([to_pixels(fit(im.convert("RGB"), size)) for im in images])
+    """A batch [B, 3, size, size] of RGB images, preprocessed as CLIP (``crop``: PIL resize and
+    centre crop) or as HPSv2's open_clip validation transform (``pad``: tensor resize, padding)."""
+    if mode == "pad":
+        return torch.stack([normalize(resize_max_pad(to_tensor(im), size)) for im in images])
+    return torch.stack([to_pixels(resize_center_crop(im.convert("RGB"), size)) for im in images])
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
