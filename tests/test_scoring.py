@@ -628,3 +628,68 @@ def test_score_command_errors_one_line(tmp_path, clip_dir, weights, capsys):
         capsys, "--images", a, "--models", "aesthetic", *out, *weights, "--aesthetic-weights", str(evil)
     )
     assert "refusing to unpickle" in err
+
+
+def _meta(**shapes):
+    return {k: torch.empty(*s, device="meta") for k, s in shapes.items()}
+
+
+def test_real_checkpoint_shapes_give_the_reference_architectures():
+    """ViT-H-14 (HPSv2) and BLIP ViT-L + BERT-base (ImageReward) read from full-size shapes, on meta tensors."""
+    oc = {"visual.conv1.weight": (1280, 3, 14, 14), "visual.positional_embedding": (257, 1280),
+          "ln_final.weight": (1024,), "token_embedding.weight": (49408, 1024), "positional_embedding": (77, 1024),
+          "text_projection": (1024, 1024), "visual.transformer.resblocks.0.mlp.c_fc.weight": (5120, 1280),
+          "transformer.resblocks.0.mlp.c_fc.weight": (4096, 1024)}  # fmt: skip
+    oc.update({f"visual.transformer.resblocks.{i}.ln_1.weight": (1280,) for i in range(32)})
+    oc.update({f"transformer.resblocks.{i}.ln_1.weight": (1024,) for i in range(24)})
+    cfg = hps.clip_config(_meta(**oc))
+    v, t = cfg.vision_config, cfg.text_config
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.image_size, v.patch_size) == (
+        1280,
+        32,
+        16,
+        224,
+        14,
+    )
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.vocab_size, cfg.projection_dim) == (
+        1024,
+        24,
+        16,
+        49408,
+        1024,
+    )
+    assert v.hidden_act == t.hidden_act == "gelu"
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    br = {v + "cls_token": (1, 1, 1024), v + "patch_embed.proj.weight": (1024, 3, 16, 16), v + "pos_embed": (1, 197, 1024),
+          v + "blocks.0.mlp.fc1.weight": (4096, 1024), t + "embeddings.word_embeddings.weight": (30524, 768),
+          t + "encoder.layer.0.crossattention.self.key.weight": (768, 1024),
+          t + "encoder.layer.0.intermediate.dense.weight": (3072, 768),
+          t + "embeddings.position_embeddings.weight": (512, 768)}  # fmt: skip
+    br.update({f"{v}blocks.{i}.norm1.weight": (1024,) for i in range(24)})
+    br.update({f"{t}encoder.layer.{i}.output.dense.weight": (768, 3072) for i in range(12)})
+    vc, tc = imagereward.configs(_meta(**br))
+    assert (vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads, vc.image_size, vc.patch_size) == (
+        1024,
+        24,
+        16,
+        224,
+        16,
+    )
+    assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.encoder_hidden_size) == (
+        768,
+        12,
+        12,
+        1024,
+    )
+
+
+def test_stale_comparison_is_removed(tmp_path, clip_dir):
+    from selfnpo.scoring.run import ScoreConfig, run_score
+
+    a = _generate_folder(tmp_path / "a", ["red", "blue"], [0, 1], 1)
+    out = tmp_path / "o"
+    kw = dict(images=a, output_dir=str(out), models="clip", clip_model=str(clip_dir))
+    run_score(ScoreConfig(baseline=a, **kw), progress=lambda s: None)
+    assert (out / "comparison.json").is_file()
+    run_score(ScoreConfig(**kw), progress=lambda s: None)
+    assert sorted(p.name for p in out.iterdir()) == ["score_config.json", "scores.csv", "scores.jsonl"]

@@ -98,7 +98,7 @@ def _cmd_score(ns: argparse.Namespace) -> None:
     from .scoring.run import ScoreConfig, run_score
 
     cfg = config_from_args(ScoreConfig, ns)
-    run_score(cfg, progress=(lambda s: None) if ns.quiet else print)
+    run_score(cfg, progress=(lambda s: None) if ns.quiet else print, progress_bar=not ns.quiet)
     print(f"scores written to {cfg.output_dir}")
 
 

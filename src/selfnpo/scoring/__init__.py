@@ -21,3 +21,10 @@ def load_scorer(name: str, cfg, device, dtype):
     import importlib
 
     return importlib.import_module(f"{__name__}.{SCORERS[name][0]}").load(cfg, device, dtype)
+
+
+def release_models() -> None:
+    """Forget the CLIP model kept for the next scorer that reads the same one (aesthetic, clip)."""
+    from .clip_score import _LOADED
+
+    _LOADED.clear()

@@ -16,11 +16,12 @@ _LOADED: dict[tuple, tuple] = {}
 
 
 def load_clip(spec: str, flag: str, what: str, device, dtype, tokenizer: str = "", tokenizer_flag: str = ""):
-    """(model, tokenizer) of a transformers CLIP model folder or hub id; loaded once per process."""
+    """(model, tokenizer) of a transformers CLIP model folder or hub id; the last one is kept."""
     from transformers import CLIPModel, CLIPTokenizer
 
     key = (spec, tokenizer, str(device), dtype)
     if key not in _LOADED:
+        _LOADED.clear()  # keep one: the aesthetic MLP and CLIP score read the same ViT-L/14
         model = load_pretrained(CLIPModel, spec, flag, what, dtype=dtype).to(device).eval()
         tok = load_pretrained(CLIPTokenizer, tokenizer or spec, tokenizer_flag or flag, f"{what} tokenizer")
         _LOADED[key] = (model.requires_grad_(False), tok)

@@ -20,7 +20,7 @@ from ..errors import SelfNPOError
 from ..evaluation.stats import paired_diff_ci, win_rate
 from ..io import atomic_write_text
 from ..training.config import opt
-from . import SCORERS, load_scorer
+from . import SCORERS, load_scorer, release_models
 
 
 @dataclass
@@ -121,17 +121,15 @@ def _open(path: Path) -> Image.Image:
         raise SelfNPOError(f"{path}: unreadable image ({e})") from None
 
 
-def score_records(folder: Path, records: list[dict], scorers: dict, batch_size: int) -> list[dict]:
-    """Records with one score column per scorer."""
-    rows = [dict(r) for r in records]
+def score_folder(folder: Path, rows: list[dict], name: str, scorer, batch_size: int, bar=None) -> None:
+    """Add the column ``name`` (one score per image) to ``rows`` in place."""
     for k in range(0, len(rows), batch_size):
         chunk = rows[k : k + batch_size]
-        images = [_open(folder / r["file"]) for r in chunk]
-        prompts = [r["prompt"] for r in chunk]
-        for name, scorer in scorers.items():
-            for r, s in zip(chunk, scorer(images, prompts).tolist(), strict=True):
-                r[name] = float(s)
-    return rows
+        scores = scorer([_open(folder / r["file"]) for r in chunk], [r["prompt"] for r in chunk])
+        for r, s in zip(chunk, scores.tolist(), strict=True):
+            r[name] = float(s)
+        if bar is not None:
+            bar.update(len(chunk))
 
 
 def _csv(rows: list[dict], fields: list[str]) -> str:
@@ -185,9 +183,39 @@ def _check_paired(a: list[dict], b: list[dict], fa, fb) -> None:
             )
 
 
-def run_score(cfg: ScoreConfig, progress=print) -> dict:
+def _score_all(cfg: ScoreConfig, names, folders, rows, device, progress_bar: bool) -> None:
+    """Fill ``rows`` (one list per folder) with every reward; one reward model in memory at a time.
+
+    A reward whose weights are missing does not stop the others from being looked up, so one
+    line names every download.
+    """
+    from tqdm.auto import tqdm
+
+    from ..models.loading import pick_dtype
+
+    dtype = pick_dtype(cfg.dtype, device)
+    missing = []
+    total = len(names) * sum(len(r) for r in rows)
+    with tqdm(total=total, desc="score", disable=not progress_bar) as bar:
+        for name in names:
+            try:
+                scorer = load_scorer(name, cfg, device, dtype)
+            except SelfNPOError as e:
+                missing.append(str(e))
+                continue
+            if not missing:
+                bar.set_postfix_str(name)
+                for folder, folder_rows in zip(folders, rows, strict=True):
+                    score_folder(folder, folder_rows, name, scorer, cfg.batch_size, bar)
+            del scorer
+    release_models()
+    if missing:
+        raise SelfNPOError("; ".join(missing))
+
+
+def run_score(cfg: ScoreConfig, progress=print, progress_bar: bool = False) -> dict:
     """Score ``cfg.images`` (and ``cfg.baseline``); returns {"rows", "baseline_rows", "comparison"}."""
-    from ..models.loading import pick_device, pick_dtype
+    from ..models.loading import pick_device
 
     cfg.validate()
     names = cfg.model_list()
@@ -195,23 +223,14 @@ def run_score(cfg: ScoreConfig, progress=print) -> dict:
     records = [sorted(read_generated(f), key=lambda r: r["index"]) for f in folders]
     if cfg.baseline:
         _check_paired(*records, *folders)
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    scorers, missing = {}, []
-    for n in names:  # report every missing weight at once, in one line
-        try:
-            scorers[n] = load_scorer(n, cfg, device, dtype)
-        except SelfNPOError as e:
-            missing.append(str(e))
-    if missing:
-        raise SelfNPOError("; ".join(missing))
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SelfNPOError(f"{out}: cannot write ({e.strerror})") from None
+    rows = [[dict(r) for r in recs] for recs in records]
+    _score_all(cfg, names, folders, rows, pick_device(cfg.device), progress_bar)
     result: dict = {"names": names}
-    rows = [score_records(f, r, scorers, cfg.batch_size) for f, r in zip(folders, records, strict=True)]
     write_scores(out, rows[0], names)
     result["rows"] = rows[0]
     atomic_write_text(out / "score_config.json", json.dumps(asdict(cfg), indent=2))
@@ -221,6 +240,9 @@ def run_score(cfg: ScoreConfig, progress=print) -> dict:
         atomic_write_text(out / "comparison.json", json.dumps(table, indent=2))
         atomic_write_text(out / "comparison.csv", _csv(table, list(table[0])))
         result["baseline_rows"], result["comparison"] = rows[1], table
+    else:  # a comparison left by an earlier run would no longer describe these scores
+        for stale in ("baseline_scores.csv", "baseline_scores.jsonl", "comparison.json", "comparison.csv"):
+            (out / stale).unlink(missing_ok=True)
     progress(format_summary(result))
     return result
 
