@@ -93,6 +93,29 @@ def load_pretrained(cls, spec: str, flag: str, what: str, **kw):
         ) from None
 
 
+def build_with_weights(make, weights: dict, path, what: str):
+    """``make()`` built without allocating (meta tensors), then given ``weights`` (strict, by assignment).
+
+    Saves building a random model of reference size only to overwrite it. Buffers the checkpoint
+    does not hold (``position_ids``) are made here. A mismatch is one line naming the first problem.
+    """
+    with torch.device("meta"):
+        model = make()
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:
+        first = " ".join(str(e).strip().splitlines()[1:2]).strip()[:200]
+        raise SelfNPOError(f"{path}: does not fit {what} ({first})") from None
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            if not attr.endswith("position_ids"):
+                raise SelfNPOError(f"{path}: {what} needs buffer {name}, which the checkpoint lacks")
+            ids = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
+            model.get_submodule(owner).register_buffer(attr, ids, persistent=False)
+    return model.eval().requires_grad_(False)
+
+
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """torchvision ``Resize(size, BICUBIC)`` then ``CenterCrop(size)`` on a PIL image."""
     w, h = image.size

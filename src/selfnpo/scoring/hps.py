@@ -16,7 +16,15 @@ import torch
 
 from ..errors import SelfNPOError
 from .clip_score import tokenize
-from .common import clip_features, clip_pixels, load_pretrained, load_weights, resolve_file, unit
+from .common import (
+    build_with_weights,
+    clip_features,
+    clip_pixels,
+    load_pretrained,
+    load_weights,
+    resolve_file,
+    unit,
+)
 
 _BLOCK = {
     "ln_1": "layer_norm1",
@@ -136,22 +144,7 @@ def clip_from_open_clip(
         converted = convert_open_clip(state)
     except KeyError as e:
         raise SelfNPOError(f"{path}: not an open_clip ViT checkpoint (missing {e.args[0]})") from None
-    with torch.device("meta"):
-        model = CLIPModel(cfg)
-    try:
-        model.load_state_dict(converted, strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise SelfNPOError(
-            f"{path}: does not fit an open_clip ViT ({' '.join(first[1:2]).strip()[:200]})"
-        ) from None
-    for name, buf in model.named_buffers():  # position_ids are not in the checkpoint
-        if buf.is_meta:
-            n = buf.shape[-1]
-            model.get_submodule(name.rsplit(".", 1)[0]).register_buffer(
-                name.rsplit(".", 1)[1], torch.arange(n).expand(buf.shape), persistent=False
-            )
-    return model.eval().requires_grad_(False)
+    return build_with_weights(lambda: CLIPModel(cfg), converted, path, "an open_clip ViT")
 
 
 class HPSv2:

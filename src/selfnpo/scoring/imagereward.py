@@ -17,7 +17,7 @@ import torch
 
 from ..errors import SelfNPOError
 from .aesthetic import mlp_layers
-from .common import clip_pixels, load_pretrained, load_weights, resolve_file
+from .common import build_with_weights, clip_pixels, load_pretrained, load_weights, resolve_file
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 MAX_TOKENS = 35
@@ -99,16 +99,6 @@ def configs(state: dict, vision_heads: int = 0, text_heads: int = 0):
     return vision, text
 
 
-def _load(model, weights: dict, path) -> None:
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise SelfNPOError(
-            f"{path}: does not fit ImageReward's BLIP ({' '.join(first[1:2]).strip()[:200]})"
-        ) from None
-
-
 class ImageReward:
     """``(MLP(BERT(prompt | ViT(image))[:, 0]) - mean) / std``."""
 
@@ -146,9 +136,10 @@ def build(state: dict, path, tokenizer, vision_heads: int = 0, text_heads: int =
         vit, bert = convert_vit(state), convert_text(state)
     except KeyError as e:
         raise SelfNPOError(f"{path}: not an ImageReward checkpoint (missing {e.args[0]})") from None
-    vision, text = BlipVisionModel(vcfg), BlipTextModel(tcfg, add_pooling_layer=False)
-    _load(vision, vit, path)
-    _load(text, bert, path)
+    vision = build_with_weights(lambda: BlipVisionModel(vcfg), vit, path, "ImageReward's BLIP ViT")
+    text = build_with_weights(
+        lambda: BlipTextModel(tcfg, add_pooling_layer=False), bert, path, "ImageReward's BLIP BERT"
+    )
     head = {k.removeprefix("mlp."): v for k, v in state.items() if k.startswith("mlp.")}
     chain = mlp_layers(head, path, tcfg.hidden_size)
     return ImageReward(
