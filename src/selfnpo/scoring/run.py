@@ -61,7 +61,11 @@ class ScoreConfig:
     batch_size: int = opt(16, "images per forward pass")
     n_boot: int = opt(1000, "bootstrap resamples for the intervals")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
-    dtype: str = opt("fp32", "fp32, fp16, bf16 (the rewards' own numbers are fp32)")
+    dtype: str = opt(
+        "fp32",
+        "fp32, fp16, bf16 or auto (the rewards' own numbers are fp32)",
+        choices=("fp32", "fp16", "bf16", "auto"),
+    )
 
     def model_list(self) -> list[str]:
         names = [m.strip() for m in self.models.split(",") if m.strip()]
