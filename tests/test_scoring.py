@@ -693,3 +693,21 @@ def test_stale_comparison_is_removed(tmp_path, clip_dir):
     assert (out / "comparison.json").is_file()
     run_score(ScoreConfig(**kw), progress=lambda s: None)
     assert sorted(p.name for p in out.iterdir()) == ["score_config.json", "scores.csv", "scores.jsonl"]
+
+
+def test_batch_size_and_long_prompts_do_not_change_scores(tmp_path, weights):
+    """Equal scores for any batch size; prompts beyond 77 (CLIP) or 35 (BLIP) tokens are truncated."""
+    from selfnpo.scoring.run import ScoreConfig, run_score
+
+    prompts = ["red " * 60, "a blue square", "a circle at the top " * 10]
+    a = _generate_folder(tmp_path / "a", prompts, [0, 1, 2], 4)
+    opts = {k.lstrip("-").replace("-", "_"): v for k, v in zip(weights[::2], weights[1::2], strict=True)}
+    runs = [
+        run_score(ScoreConfig(images=a, output_dir=str(tmp_path / f"o{b}"), models=ALL, batch_size=b, **opts),
+                  progress=lambda s: None)["rows"]
+        for b in (1, 3)
+    ]  # fmt: skip
+    for name in ALL.split(","):
+        np.testing.assert_allclose(
+            [r[name] for r in runs[0]], [r[name] for r in runs[1]], rtol=1e-5, atol=1e-5
+        )
