@@ -3,9 +3,10 @@
 The reference checkpoint ``HPS_v2.1_compressed.pt`` is a torch file ``{"state_dict": ...}`` in
 open_clip's key names; it is read with ``weights_only=True`` and its keys are renamed at load
 (:func:`convert_open_clip`). Score: ``<img / |img|, txt / |txt|>`` with no logit scale, as
-``img_score.py`` computes it. Images go through open_clip's validation transform as HPSv2 builds it
-(``ResizeMaxSize(224)``: long side to 224, zero padding; OpenAI normalisation); prompts through
-the ViT-H-14 tokenizer (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``), 77 tokens.
+``img_score.py`` computes it. Images go through the validation transform HPSv2 builds
+(``ToTensor``, then ``ResizeMaxSize(224)`` on the float tensor: long side to 224, black padding;
+OpenAI normalisation); prompts through the ViT-H-14 tokenizer
+(``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``), 77 tokens.
 """
 
 from __future__ import annotations
