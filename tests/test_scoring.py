@@ -711,3 +711,21 @@ def test_batch_size_and_long_prompts_do_not_change_scores(tmp_path, weights):
         np.testing.assert_allclose(
             [r[name] for r in runs[0]], [r[name] for r in runs[1]], rtol=1e-5, atol=1e-5
         )
+
+
+def test_unreadable_inputs_one_line(tmp_path, clip_dir, capsys):
+    a = _generate_folder(tmp_path / "a", ["red", "blue"], [0, 1], 1)
+    (tmp_path / "a" / "00001.png").write_bytes(b"not a png")
+    args = [
+        "--images",
+        a,
+        "--models",
+        "clip",
+        "--clip-model",
+        str(clip_dir),
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
+    assert "00001.png: unreadable image" in _err(capsys, *args)
+    (tmp_path / "a" / "images.jsonl").write_bytes(b"\xff\xfe")
+    assert "images.jsonl: unreadable" in _err(capsys, *args)

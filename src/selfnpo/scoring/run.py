@@ -96,7 +96,11 @@ def read_generated(folder: str | Path) -> list[dict]:
     if not index.is_file():
         raise SelfNPOError(f"{folder}: no images.jsonl; not a finished selfnpo generate folder")
     records = []
-    for i, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = index.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SelfNPOError(f"{index}: unreadable ({type(e).__name__})") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -121,8 +125,8 @@ def _open(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except OSError as e:
-        raise SelfNPOError(f"{path}: unreadable image ({e})") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SelfNPOError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
 def score_folder(folder: Path, rows: list[dict], name: str, scorer, batch_size: int, bar=None) -> None:
