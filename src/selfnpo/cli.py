@@ -94,6 +94,14 @@ def _cmd_sweep(ns: argparse.Namespace) -> None:
     run_sweep(config_from_args(SweepConfig, ns), progress=(lambda s: None) if ns.quiet else print)
 
 
+def _cmd_score(ns: argparse.Namespace) -> None:
+    from .scoring.run import ScoreConfig, run_score
+
+    cfg = config_from_args(ScoreConfig, ns)
+    run_score(cfg, progress=(lambda s: None) if ns.quiet else print, progress_bar=not ns.quiet)
+    print(f"scores written to {cfg.output_dir}")
+
+
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
     "pairs": (
         "selfnpo.preference.build:PairsConfig",
@@ -114,6 +122,11 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
         "selfnpo.generate:GenerateConfig",
         "generate images with NPO guidance",
         _cmd_generate,
+    ),
+    "score": (
+        "selfnpo.scoring.run:ScoreConfig",
+        "score generated images with PickScore, HPSv2.1, ImageReward, LAION aesthetic, CLIP score",
+        _cmd_score,
     ),
     "demo": (
         "selfnpo.demo:DemoConfig",
