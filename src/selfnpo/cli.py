@@ -102,6 +102,16 @@ def _cmd_score(ns: argparse.Namespace) -> None:
     print(f"scores written to {cfg.output_dir}")
 
 
+def _cmd_compare(ns: argparse.Namespace) -> None:
+    from .compare.run import CompareConfig, run_compare
+
+    run_compare(
+        config_from_args(CompareConfig, ns),
+        progress=(lambda s: None) if ns.quiet else print,
+        progress_bar=not ns.quiet,
+    )
+
+
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
     "pairs": (
         "selfnpo.preference.build:PairsConfig",
@@ -127,6 +137,11 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
         "selfnpo.scoring.run:ScoreConfig",
         "score generated images with PickScore, HPSv2.1, ImageReward, LAION aesthetic, CLIP score",
         _cmd_score,
+    ),
+    "compare": (
+        "selfnpo.compare.run:CompareConfig",
+        "compare guidance methods and NPO offsets at the same prompts and seeds: table, win rates, report",
+        _cmd_compare,
     ),
     "demo": (
         "selfnpo.demo:DemoConfig",

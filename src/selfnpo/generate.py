@@ -118,8 +118,15 @@ def _prepare_output(cfg: GenerateConfig) -> Path:
     return out
 
 
-def generate(cfg: GenerateConfig, pipe=None, progress: bool = True) -> list[dict]:
-    """Run the job; returns one record per image (prompt, seed, file)."""
+def generate(
+    cfg: GenerateConfig, pipe=None, progress: bool = True, guidance=None, call_kwargs=None
+) -> list[dict]:
+    """Run the job; returns one record per image (prompt, seed, file).
+
+    ``guidance`` replaces the :class:`NPOGuidance` built from ``cfg`` (any context manager, e.g.
+    one carrying a guidance rule); ``call_kwargs(chunk) -> dict`` adds pipeline arguments for a
+    batch of records (e.g. per-image negative prompts) and is called right before each batch.
+    """
     import diffusers
     from tqdm.auto import tqdm
 
@@ -140,12 +147,16 @@ def generate(cfg: GenerateConfig, pipe=None, progress: bool = True) -> list[dict
         pipe.scheduler.r0_eta = cfg.r0_eta
     elif cfg.scheduler:
         pipe.scheduler = getattr(diffusers, cfg.scheduler).from_config(pipe.scheduler.config)
-    npo = NPOGuidance(
-        pipe,
-        negative=cfg.negative_offset or None,
-        positive=cfg.positive_offset or None,
-        alpha=cfg.alpha,
-        beta=cfg.beta,
+    npo = (
+        guidance
+        if guidance is not None
+        else NPOGuidance(
+            pipe,
+            negative=cfg.negative_offset or None,
+            positive=cfg.positive_offset or None,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+        )
     )
     n = cfg.num_images_per_prompt
     jobs = [
@@ -162,14 +173,16 @@ def generate(cfg: GenerateConfig, pipe=None, progress: bool = True) -> list[dict
     with npo, tqdm(total=len(jobs), initial=done, desc="generate", disable=not progress) as bar:
         for chunk in todo:
             gens = [torch.Generator(dev).manual_seed(j["seed"]) for j in chunk]
+            kw = dict(negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None)
+            kw.update(call_kwargs(chunk) if call_kwargs else {})
             images = pipe(
                 [j["prompt"] for j in chunk],
-                negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None,
                 guidance_scale=cfg.guidance_scale,
                 num_inference_steps=cfg.steps,
                 generator=gens,
                 height=res,
                 width=res,
+                **kw,
             ).images
             for j, im in zip(chunk, images, strict=True):
                 if (out / j["file"]).is_file():

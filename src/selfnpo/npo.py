@@ -54,11 +54,18 @@ class NPOGuidance:
         positive: an optional positive offset eta (e.g. a Diffusion-DPO LoRA), same formats.
         alpha: share of eta in the negative branch.
         beta: scale of delta in the negative branch (0 = plain CFG with theta + alpha*eta).
+        rule: an optional guidance rule ``rule(uncond, cond, t, g, x_t) -> guided`` in the network's
+            output space (see :mod:`selfnpo.compare.hook`); the positive half handed back to the
+            pipeline is ``uncond + (guided - uncond) / g``, so the pipeline's own
+            ``uncond + g (cond - uncond)`` equals ``guided`` (to float rounding).
     """
 
-    def __init__(self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0) -> None:
+    def __init__(
+        self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0, rule=None
+    ) -> None:
         self.pipe, self.unet = pipe, pipe.unet
         self.alpha, self.beta = float(alpha), float(beta)
+        self.rule = rule
         self._full: dict[str, dict[str, Tensor]] = {}
         self._lora: list[str] = []
         for name, src in ((ETA, positive), (DELTA, negative)):
@@ -113,16 +120,31 @@ class NPOGuidance:
         pos_w, neg_w = self.branch_weights(False), self.branch_weights(True)
         n = sample.shape[0]
         cfg_on = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
-        if not cfg_on or pos_w == neg_w:  # identical branches: one batched call, as diffusers does
+        if not cfg_on or (pos_w == neg_w and self.rule is None):
+            # identical branches: one batched call, as diffusers does
             return self._call(pos_w, (sample, timestep, *args), kwargs)
-        outs = []
-        for half, w in ((0, neg_w), (1, pos_w)):
-            a = [_split(x, n, half) for x in (sample, timestep, *args)]
-            kw = {k: _split(v, n, half) for k, v in kwargs.items()}
-            outs.append(self._call(w, a, kw))
-        if kwargs.get("return_dict", True) is False:
-            return (torch.cat([outs[0][0], outs[1][0]]),)
-        return type(outs[0])(sample=torch.cat([outs[0].sample, outs[1].sample]))
+        tuple_out = kwargs.get("return_dict", True) is False
+        if pos_w == neg_w:
+            out = self._call(pos_w, (sample, timestep, *args), kwargs)
+            neg, pos = (out[0] if tuple_out else out.sample).chunk(2)
+        else:
+            outs = []
+            for half, w in ((0, neg_w), (1, pos_w)):
+                a = [_split(x, n, half) for x in (sample, timestep, *args)]
+                kw = {k: _split(v, n, half) for k, v in kwargs.items()}
+                outs.append(self._call(w, a, kw))
+            out = outs[0]
+            neg, pos = (o[0] if tuple_out else o.sample for o in outs)
+        if self.rule is not None:
+            pos = self._ruled_positive(neg, pos, _split(sample, n, 1), _split(timestep, n, 1))
+        both = torch.cat([neg, pos])
+        return (both,) if tuple_out else type(out)(sample=both)
+
+    def _ruled_positive(self, neg: Tensor, pos: Tensor, x_t: Tensor, timestep) -> Tensor:
+        """The positive half for which the pipeline's ``neg + g (pos' - neg)`` is ``rule(neg, pos)``."""
+        g = float(self.pipe.guidance_scale)
+        guided = self.rule(neg, pos, timestep, g, x_t)
+        return (neg.float() + (guided.float() - neg.float()) / g).to(pos.dtype)
 
     # ---- attach / detach -------------------------------------------------------------------------
     def attach(self) -> NPOGuidance:

@@ -25,6 +25,7 @@ from PIL import Image
 from ..io import atomic_path, atomic_write_text
 
 __all__ = [
+    "Bars",
     "Grid",
     "Heatmap",
     "Plot",
@@ -35,6 +36,7 @@ __all__ = [
     "grid_image",
     "metrics_json",
     "render_html",
+    "svg_bar_chart",
     "svg_heatmap",
     "svg_line_plot",
     "write_report",
@@ -76,13 +78,34 @@ class Plot:
 
 
 @dataclass
+class Bars:
+    """Horizontal grouped bars with intervals: one group per entry of ``groups``, one bar per
+    series; ``series[name][i]`` is (value, lo, hi) for group i. ``reference`` draws a dashed line
+    (e.g. 0.5 for win rates)."""
+
+    title: str
+    xlabel: str
+    groups: list[str]
+    series: dict[str, list[tuple[float, float, float]]]
+    x_range: tuple[float, float] = (0.0, 1.0)
+    reference: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, values in self.series.items():
+            if len(values) != len(self.groups) or any(len(v) != 3 for v in values):
+                raise ValueError(f"bars {self.title!r}, series {name!r}: need one (value, lo, hi) per group")
+
+
+@dataclass
 class Grid:
-    """An image grid: ``images`` is uint8 [R, C, H, W, 3], rows and columns labelled."""
+    """An image grid: ``images`` is uint8 [R, C, H, W, 3], rows and columns labelled; tiles are
+    shown ``scale`` times their size."""
 
     title: str
     row_labels: list[str]
     col_labels: list[str]
     images: np.ndarray
+    scale: int = 4
 
     def __post_init__(self) -> None:
         self.images = np.asarray(self.images)
@@ -132,6 +155,7 @@ class Report:
     grids: list[Grid] = field(default_factory=list)
     heatmaps: list[Heatmap] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    bars: list[Bars] = field(default_factory=list)
 
 
 def _esc(text: object) -> str:
@@ -360,6 +384,66 @@ def svg_line_plot(plot: Plot, width: int = 420, height: int = 280) -> str:
     return "\n".join(parts)
 
 
+def svg_bar_chart(bars: Bars, width: int = 640, bar_h: int = 12) -> str:
+    """An inline SVG of horizontal grouped bars, each with its interval as a whisker."""
+    names = list(bars.series)
+    left = 20 + min(260, 7 * max((len(g) for g in bars.groups), default=1))
+    layout = _legend_layout(names, width - 8, left)
+    top = 34 + 14 * (1 + max((line for _, _, line in layout), default=-1))
+    group_h = bar_h * max(1, len(names)) + 10
+    bottom = top + group_h * len(bars.groups)
+    height = bottom + 40
+    box = (float(left), float(top), width - 16.0, float(bottom))
+    plot = Plot(bars.title, bars.xlabel, "", {})
+    sx, _ = _scales(box, bars.x_range, (0.0, 1.0))
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" font-family="sans-serif">',
+        f"<title>{_esc(bars.title)}</title>",
+        f'<text x="{width / 2:.1f}" y="15" font-size="13" text-anchor="middle">{_esc(bars.title)}</text>',
+    ]
+    parts += _legend_svg(layout, 34)
+    parts += _axes_svg(box, bars.x_range, (0.0, 1.0), plot, height)[:1]
+    for t in _nice_ticks(*bars.x_range):
+        x = sx(t)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" stroke="#eee"/>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{bottom + 15}" font-size="10" text-anchor="middle">{_esc(_tick_label(t))}</text>'
+        )
+    parts.append(
+        f'<text x="{(left + box[2]) / 2:.1f}" y="{height - 6}" font-size="11" text-anchor="middle">'
+        f"{_esc(bars.xlabel)}</text>"
+    )
+    lo_x = bars.x_range[0]
+    for i, group in enumerate(bars.groups):
+        y0 = top + i * group_h + 5
+        parts.append(
+            f'<text x="{left - 5}" y="{y0 + group_h / 2 - 2:.1f}" font-size="11" text-anchor="end">{_esc(group)}</text>'
+        )
+        for k, name in enumerate(names):
+            v, lo, hi = (float(x) for x in bars.series[name][i])
+            if not math.isfinite(v):
+                continue
+            colour, y = _PALETTE[k % len(_PALETTE)], y0 + k * bar_h
+            x0, x1 = sx(lo_x), sx(v)
+            parts.append(
+                f'<rect x="{min(x0, x1):.1f}" y="{y}" width="{abs(x1 - x0):.1f}" height="{bar_h - 2}" '
+                f'fill="{colour}" fill-opacity="0.75"><title>{_esc(name)}: {_esc(format_ci(v, lo, hi))}</title></rect>'
+            )
+            if math.isfinite(lo) and math.isfinite(hi):
+                ym = y + (bar_h - 2) / 2
+                parts.append(
+                    f'<line x1="{sx(lo):.1f}" y1="{ym:.1f}" x2="{sx(hi):.1f}" y2="{ym:.1f}" stroke="#222"/>'
+                )
+    if bars.reference is not None:
+        x = sx(bars.reference)
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" stroke="#000" stroke-dasharray="4 3"/>'
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
 def _cell_colour(t: float) -> str:
     """White (t=0, worst) to dark blue (t=1, best)."""
     lo, hi = (247, 251, 255), (8, 69, 148)
@@ -502,7 +586,8 @@ def render_html(report: Report) -> str:
     body += [_table_html(t) for t in report.tables]
     body += [f"<figure>{svg_line_plot(p)}</figure>" for p in report.plots]
     body += [f"<figure>{svg_heatmap(h)}</figure>" for h in report.heatmaps]
-    body += [_grid_html(g) for g in report.grids]
+    body += [f"<figure>{svg_bar_chart(b)}</figure>" for b in report.bars]
+    body += [_grid_html(g, g.scale) for g in report.grids]
     if report.metrics:
         body.append(f"<h2>Metrics</h2>\n<pre>{_esc(metrics_json(report.metrics))}</pre>")
     return (
@@ -522,7 +607,7 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     page = render_html(report)
     metrics = metrics_json(report.metrics)
-    png = _png_bytes(grid_image(report.grids[0])) if report.grids else None
+    png = _png_bytes(grid_image(report.grids[0], report.grids[0].scale)) if report.grids else None
     out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / "report.html", "metrics": out / "metrics.json"}
     if png is not None:

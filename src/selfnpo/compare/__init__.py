@@ -1,0 +1,1 @@
+"""``selfnpo compare``: guidance methods and NPO offsets side by side, at the same prompts and seeds."""

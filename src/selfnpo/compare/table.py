@@ -1,0 +1,177 @@
+"""The paper-style table, the win-rate figure and the HTML report of ``selfnpo compare``.
+
+Every setting is compared with the first one image by image (same prompt, same seed): the mean
+paired difference with a 95% bootstrap interval over pairs, and the win rate (ties count 1/2)
+with its interval (:mod:`selfnpo.evaluation.stats`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..evaluation.report import (
+    Bars,
+    Grid,
+    Report,
+    Table,
+    format_ci,
+    format_number,
+    svg_bar_chart,
+    write_report,
+)
+from ..evaluation.stats import paired_diff_ci, win_rate
+from ..io import atomic_write_text
+from .settings import Setting
+
+TILE = 128  # largest tile side in the report's grid
+
+
+def paired_table(
+    settings: list[Setting], rows: list[list[dict]], names: list[str], n_boot: int
+) -> list[dict]:
+    """One dict per setting: n, and per metric its mean, paired difference and win rate vs the first."""
+    table = []
+    for s, r in zip(settings, rows, strict=True):
+        row = {"setting": s.label, "n": len(r)}
+        for m in names:
+            a = np.array([x[m] for x in r], dtype=np.float64)
+            b = np.array([x[m] for x in rows[0]], dtype=np.float64)
+            d, w = paired_diff_ci(a, b, n_boot=n_boot), win_rate(a, b, n_boot=n_boot)
+            row |= {f"{m}_mean": float(a.mean())}
+            row |= dict(zip((f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi"), d, strict=True))
+            row |= dict(zip((f"{m}_win", f"{m}_win_lo", f"{m}_win_hi"), w, strict=True))
+        table.append(row)
+    return table
+
+
+def table_csv(table: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(table)
+    return buf.getvalue()
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table_markdown(table: list[dict], names: list[str]) -> str:
+    """Markdown: per metric the mean, the difference vs the first setting and the win rate."""
+    head = ["setting", "n"]
+    for m in names:
+        head += [f"{m} mean", f"{m} diff [95% CI]", f"{m} win rate [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, row in enumerate(table):
+        cells = [_md_cell(row["setting"]), str(row["n"])]
+        for m in names:
+            cells.append(format_number(row[f"{m}_mean"]))
+            if i == 0:
+                cells += ["reference", "reference"]
+            else:
+                cells.append(format_ci(row[f"{m}_diff"], row[f"{m}_diff_lo"], row[f"{m}_diff_hi"]))
+                cells.append(format_ci(row[f"{m}_win"], row[f"{m}_win_lo"], row[f"{m}_win_hi"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def win_rate_bars(table: list[dict], names: list[str]) -> Bars:
+    """Win rate of every setting but the first against the first, per metric, with intervals."""
+    ref = table[0]["setting"]
+    return Bars(
+        f"Win rate against {ref} (same prompt and seed; 95% bootstrap intervals)",
+        "win rate",
+        [r["setting"] for r in table[1:]],
+        {m: [(r[f"{m}_win"], r[f"{m}_win_lo"], r[f"{m}_win_hi"]) for r in table[1:]] for m in names},
+        reference=0.5,
+    )
+
+
+def _tile(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if max(im.size) > TILE:
+            im = im.resize((size, size), Image.Resampling.LANCZOS)
+        return np.asarray(im)
+
+
+def image_grid(settings: list[Setting], folders: list[Path], rows: list[list[dict]], k: int) -> Grid | None:
+    """Rows: settings; columns: the first image of the first ``k`` prompts (same seed in a column)."""
+    firsts: dict[str, dict] = {}
+    for r in rows[0]:
+        firsts.setdefault(r["prompt"], r)
+    cols = list(firsts.values())[:k]
+    if not cols:
+        return None
+    with Image.open(folders[0] / cols[0]["file"]) as im:
+        side = max(im.size)
+    size = min(side, TILE)
+    tiles = np.stack([np.stack([_tile(f / c["file"], size) for c in cols]) for f in folders])
+    return Grid(
+        "Samples (rows: settings; columns: prompts, same seed per column)",
+        [s.label for s in settings],
+        [c["prompt"] for c in cols],
+        tiles,
+        scale=max(1, TILE // size),
+    )
+
+
+def write_outputs(cfg, out: Path, settings, folders, rows, table, names) -> dict[str, Path]:
+    """table.csv, table.md, winrates.svg, report.html, metrics.json, grid.png."""
+    paths = {"csv": out / "table.csv", "md": out / "table.md", "svg": out / "winrates.svg"}
+    atomic_write_text(paths["csv"], table_csv(table))
+    atomic_write_text(paths["md"], table_markdown(table, names))
+    bars = [win_rate_bars(table, names)] if names and len(table) > 1 else []
+    if bars:
+        atomic_write_text(paths["svg"], svg_bar_chart(bars[0]) + "\n")
+    else:
+        paths["svg"].unlink(missing_ok=True)
+    columns = ["setting", "n"]
+    for m in names:
+        columns += [f"{m} mean", f"{m} diff [95% CI]", f"{m} win rate [95% CI]"]
+    cells = []
+    for i, r in enumerate(table):
+        line = [r["setting"], r["n"]]
+        for m in names:
+            line.append(r[f"{m}_mean"])
+            if i == 0:
+                line += ["reference", "reference"]
+            else:
+                line += [
+                    format_ci(*(r[f"{m}_{x}"] for x in ("diff", "diff_lo", "diff_hi"))),
+                    format_ci(*(r[f"{m}_{x}"] for x in ("win", "win_lo", "win_hi"))),
+                ]
+        cells.append(line)
+    grid = image_grid(settings, folders, rows, cfg.grid_prompts)
+    n_prompts = len({r["prompt"] for r in rows[0]})
+    paragraphs = [
+        f"Model {cfg.model}; {n_prompts} prompts x {cfg.num_images_per_prompt} images, seeds from "
+        f"{cfg.seed}; {cfg.steps} steps; guidance scale g = {cfg.guidance_scale:g}.",
+        f"Every setting is compared with the first ({settings[0].label}) image by image: paired "
+        "difference of the means and win rate (ties count 1/2), with 95% bootstrap intervals over pairs.",
+    ]
+    if not names:
+        paragraphs.append("No metric was computed: name reward models with --models.")
+    report = Report(
+        "selfnpo compare",
+        paragraphs,
+        [Table("Settings compared with the first", columns, cells)],
+        grids=[grid] if grid is not None else [],
+        bars=bars,
+        metrics={
+            "config": asdict(cfg),
+            "settings": [{"label": s.label, **s.key()} for s in settings],
+            "folders": [str(f) for f in folders],
+            "table": table,
+        },
+    )
+    paths |= write_report(report, out)
+    atomic_write_text(out / "table.json", json.dumps(table, indent=2))
+    return paths
