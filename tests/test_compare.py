@@ -14,7 +14,7 @@ import torch
 
 from selfnpo import cli
 from selfnpo.compare.hook import RuleHook
-from selfnpo.compare.settings import parse_setting, parse_settings
+from selfnpo.compare.settings import parse_setting, parse_settings, slug
 from selfnpo.errors import SelfNPOError
 from selfnpo.models.loading import load_pipeline
 from selfnpo.npo import NPOGuidance
@@ -99,6 +99,12 @@ def test_rule_combines_with_an_offset(pipe, sd_lora):
 def test_v_prediction_model_reduces_too(tiny_dir):
     p = load_pipeline(str(tiny_dir / "sd_v"), device="cpu", dtype="fp32")
     ruled = _ruled(p, "apg", {"eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0})
+    torch.testing.assert_close(ruled, _latents(p), rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_reduces_too(tiny_sdxl):
+    p = load_pipeline(tiny_sdxl, device="cpu", dtype="fp32")
+    ruled = _ruled(p, "interval", {"t_lo": 0.0, "t_hi": float("inf")})
     torch.testing.assert_close(ruled, _latents(p), rtol=1e-5, atol=1e-5)
 
 
@@ -237,7 +243,7 @@ def test_compare_writes_a_well_formed_table(
     settings = (
         f"cfg,apg,cfg_rescale:0.5,interval:0.5-8,cfg_zero_star,pag:2,autoguidance:{weak},negative_prompt,"
     )
-    settings += f"self_npo:{sd_lora},self_npo:{sd_lora}:0.5+apg"
+    settings += f"self_npo:{sd_lora},self_npo:{sd_lora}:0.5+apg,again=cfg"
     extra = [
         *_pickscore(clip_dir),
         "--negative-prompt",
@@ -266,6 +272,10 @@ def test_compare_writes_a_well_formed_table(
     # settings that change the images change the scores (random weights: any change shows)
     changed = {r["setting"] for r in table if float(r["pickscore_diff"]) != 0}
     assert {"apg", "pag:2", "autoguidance", "negative_prompt", "self_npo"} <= changed
+    # after PAG, offsets and rules, plain CFG on the shared pipeline gives the same images again
+    assert (table[-1]["pickscore_diff"], table[-1]["pickscore_win"]) == ("0.0", "0.5")
+    first, again = (sorted((out / "images" / slug(lab)).glob("*.png")) for lab in ("cfg", "again"))
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [s["label"] for s in metrics["settings"]] == labels
     assert "Win rate against cfg" in (out / "report.html").read_text()
@@ -310,6 +320,16 @@ def test_bad_settings_exit_2_with_one_line(tmp_path, tiny_sd, prompts_file, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err and err.startswith("selfnpo compare: error:")
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_help_explains_every_option(capsys):
+    from selfnpo.compare.run import CompareConfig
+
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    text = capsys.readouterr().out
+    for name, f in CompareConfig.__dataclass_fields__.items():
+        assert ("--" + name.replace("_", "-") in text) == bool(f.metadata.get("help")), name
 
 
 def test_world_metrics_on_the_embedded_model(tmp_path, capsys):
