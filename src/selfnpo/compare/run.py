@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import SelfNPOError
+from ..generate import SCHEDULERS
 from ..io import atomic_write_text, read_prompts
 from ..scoring.run import ScoreConfig
 from ..training.config import opt, with_defaults
@@ -99,6 +100,8 @@ class CompareConfig(ScoreConfig):
             ),
             (self.score_batch_size >= 1 and self.n_boot >= 1, "--score-batch-size and --n-boot must be >= 1"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+            (self.resolution >= 0 and self.resolution % 8 == 0, "--resolution must be a multiple of 8"),
+            (not self.scheduler or self.scheduler in SCHEDULERS, f"unknown --scheduler {self.scheduler!r}"),
         ]:
             if not ok:
                 raise SelfNPOError(msg)
@@ -290,8 +293,10 @@ def _cached_scores(path: Path, records: list[dict], names: list[str], key: dict)
     if not path.is_file() or not key_file.is_file() or json.loads(key_file.read_text()) != key:
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    key = lambda r: (r["index"], r["prompt"], r["seed"], r["file"])  # noqa: E731
-    if [key(r) for r in rows] != [key(r) for r in records] or any(n not in r for r in rows for n in names):
+    ident = lambda r: (r["index"], r["prompt"], r["seed"], r["file"])  # noqa: E731
+    if [ident(r) for r in rows] != [ident(r) for r in records] or any(
+        n not in r for r in rows for n in names
+    ):
         return None
     return rows
 
@@ -341,7 +346,11 @@ def _world_columns(folder: Path, rows: list[dict], classifier=None):
     from ..world.classifier import load_classifier
 
     classifier = classifier or load_classifier()
-    ims = np.stack([np.asarray(Image.open(folder / r["file"]).convert("RGB")) for r in rows])
+    ims = []
+    for r in rows:
+        with Image.open(folder / r["file"]) as im:
+            ims.append(np.asarray(im.convert("RGB")))
+    ims = np.stack(ims)
     s = score_images(classifier, ims, [r["prompt"] for r in rows])
     for r, a, w in zip(rows, s.aligned.tolist(), s.reward.tolist(), strict=True):
         r["world_alignment"], r["world_reward"] = float(a), float(w)
@@ -370,6 +379,16 @@ def _world_metrics(cfg: CompareConfig, prompts: list[str]) -> bool:
     return True
 
 
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_compare(cfg: CompareConfig, progress=print, progress_bar: bool = False) -> dict:
     """Generate, score and report every setting; returns the table rows and the written paths."""
     from ..models.loading import load_pipeline, resolve_model_class
@@ -391,7 +410,8 @@ def run_compare(cfg: CompareConfig, progress=print, progress_bar: bool = False) 
     for s in settings:
         progress(f"generating {s.label}")
         folders.append(generate_setting(cfg, pipe, s, out, prompts_file, pag_pipes, progress_bar))
-    del pipe, pag_pipes
+    del pipe, pag_pipes  # the reward models come next: free the generator first
+    _release_memory()
     rows = score_settings(cfg, folders, world, progress_bar)
     names = cfg.reward_names() + (list(WORLD_COLUMNS) if world else [])
     table = paired_table(settings, rows, names, cfg.n_boot)
