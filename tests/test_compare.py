@@ -339,6 +339,9 @@ def test_world_metrics_on_the_embedded_model(tmp_path, capsys):
     )
     row = _read_table(tmp_path / "w" / "table.csv")[1]
     assert {"world_alignment_mean", "world_reward_win_lo"} <= set(row) and int(row["n"]) == 3
+    fd, lo, hi = (float(row[k]) for k in ("world_frechet", "world_frechet_lo", "world_frechet_hi"))
+    assert 0 <= lo <= fd <= hi
+    assert "world Frechet" in (tmp_path / "w" / "table.md").read_text()
 
 
 # ---- the report ------------------------------------------------------------------------------

@@ -357,6 +357,47 @@ def _world_columns(folder: Path, rows: list[dict], classifier=None):
     return classifier
 
 
+def world_frechet(
+    cfg: CompareConfig, folders: list[Path], rows: list[list[dict]], n_boot: int
+) -> list[tuple] | None:
+    """Per setting, the Frechet distance of the classifier features to true renders of the same
+    scenes, with its bootstrap interval (as ``selfnpo demo``); only for ``--prompts world:N``,
+    whose scenes are known. Not a paired statistic: it describes a whole set."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..evaluation.stats import frechet_ci
+    from ..evaluation.world_eval import pca_basis, real_features
+    from ..world.captions import caption
+    from ..world.classifier import images_to_tensor, load_classifier
+    from ..world.render import sample_scene
+
+    if not cfg.prompts.startswith("world:"):
+        return None
+    rng = np.random.default_rng(cfg.seed)  # the draws of world.model.world_prompts, scenes kept
+    n = len(rows[0]) // cfg.num_images_per_prompt
+    scenes, captions = [], []
+    for _ in range(n):
+        scenes.append(sample_scene(rng, "heldout"))
+        captions.append(caption(scenes[-1], rng))
+    if captions != [r["prompt"] for r in rows[0]][:: cfg.num_images_per_prompt]:
+        return None
+    classifier = load_classifier()
+    real = real_features(classifier, scenes)
+    basis = pca_basis(real)
+    out = []
+    for folder, r in zip(folders, rows, strict=True):
+        ims = []
+        for x in r:
+            with Image.open(folder / x["file"]) as im:
+                ims.append(np.asarray(im.convert("RGB")))
+        with torch.no_grad():
+            feats = classifier.features(images_to_tensor(np.stack(ims))).numpy().astype(np.float64)
+        out.append(frechet_ci(feats @ basis, real @ basis, n_boot=min(n_boot, 200)))
+    return out
+
+
 def _world_metrics(cfg: CompareConfig, prompts: list[str]) -> bool:
     """Whether to add the world's columns: ``on``, or ``auto`` on the embedded model. They need
     prompts in the world's caption grammar (``--prompts world:N`` gives such prompts)."""
@@ -415,6 +456,9 @@ def run_compare(cfg: CompareConfig, progress=print, progress_bar: bool = False) 
     rows = score_settings(cfg, folders, world, progress_bar)
     names = cfg.reward_names() + (list(WORLD_COLUMNS) if world else [])
     table = paired_table(settings, rows, names, cfg.n_boot)
+    fd = world_frechet(cfg, folders, rows, cfg.n_boot) if world else None
+    for row, v in zip(table, fd or [], strict=False):
+        row |= dict(zip(("world_frechet", "world_frechet_lo", "world_frechet_hi"), v, strict=True))
     paths = write_outputs(cfg, out, settings, folders, rows, table, names)
     progress(f"table written to {paths['csv']} and {paths['md']}; report {paths['html']}")
     return {"table": table, "names": names, "paths": paths}

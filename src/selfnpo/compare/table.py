@@ -63,22 +63,37 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def table_markdown(table: list[dict], names: list[str]) -> str:
-    """Markdown: per metric the mean, the difference vs the first setting and the win rate."""
-    head = ["setting", "n"]
+def table_cells(table: list[dict], names: list[str]) -> tuple[list[str], list[list]]:
+    """Columns and cells of the printed table: per metric the mean, the difference against the
+    first setting and the win rate, each with its interval; the world's Frechet distance (a
+    per-set number, lower is better) when there is one."""
+    fd = "world_frechet" in table[0]
+    columns = ["setting", "n"]
     for m in names:
-        head += [f"{m} mean", f"{m} diff [95% CI]", f"{m} win rate [95% CI]"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, row in enumerate(table):
-        cells = [_md_cell(row["setting"]), str(row["n"])]
+        columns += [f"{m} mean", f"{m} diff [95% CI]", f"{m} win rate [95% CI]"]
+    columns += ["world Frechet [95% CI] (lower is better)"] if fd else []
+    cells = []
+    for i, r in enumerate(table):
+        line = [r["setting"], r["n"]]
         for m in names:
-            cells.append(format_number(row[f"{m}_mean"]))
+            line.append(r[f"{m}_mean"])
             if i == 0:
-                cells += ["reference", "reference"]
+                line += ["reference", "reference"]
             else:
-                cells.append(format_ci(row[f"{m}_diff"], row[f"{m}_diff_lo"], row[f"{m}_diff_hi"]))
-                cells.append(format_ci(row[f"{m}_win"], row[f"{m}_win_lo"], row[f"{m}_win_hi"]))
-        lines.append("| " + " | ".join(cells) + " |")
+                line.append(format_ci(r[f"{m}_diff"], r[f"{m}_diff_lo"], r[f"{m}_diff_hi"]))
+                line.append(format_ci(r[f"{m}_win"], r[f"{m}_win_lo"], r[f"{m}_win_hi"]))
+        if fd:
+            line.append(format_ci(r["world_frechet"], r["world_frechet_lo"], r["world_frechet_hi"]))
+        cells.append(line)
+    return columns, cells
+
+
+def table_markdown(table: list[dict], names: list[str]) -> str:
+    """The printed table as markdown."""
+    columns, cells = table_cells(table, names)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for line in cells:
+        lines.append("| " + " | ".join(_md_cell(format_number(c)) for c in line) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,22 +148,7 @@ def write_outputs(cfg, out: Path, settings, folders, rows, table, names) -> dict
         atomic_write_text(paths["svg"], svg_bar_chart(bars[0]) + "\n")
     else:
         paths["svg"].unlink(missing_ok=True)
-    columns = ["setting", "n"]
-    for m in names:
-        columns += [f"{m} mean", f"{m} diff [95% CI]", f"{m} win rate [95% CI]"]
-    cells = []
-    for i, r in enumerate(table):
-        line = [r["setting"], r["n"]]
-        for m in names:
-            line.append(r[f"{m}_mean"])
-            if i == 0:
-                line += ["reference", "reference"]
-            else:
-                line += [
-                    format_ci(*(r[f"{m}_{x}"] for x in ("diff", "diff_lo", "diff_hi"))),
-                    format_ci(*(r[f"{m}_{x}"] for x in ("win", "win_lo", "win_hi"))),
-                ]
-        cells.append(line)
+    columns, cells = table_cells(table, names)
     grid = image_grid(settings, folders, rows, cfg.grid_prompts)
     n_prompts = len({r["prompt"] for r in rows[0]})
     paragraphs = [
