@@ -35,6 +35,11 @@ RULES: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
 }
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """Conversions run in float64 (MPS has none: float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class RuleHook:
     """``hook(uncond, cond, timestep, g, x_t) -> guided``, the ``rule=`` of :class:`NPOGuidance`.
 
@@ -60,7 +65,8 @@ class RuleHook:
         t = t.expand(x.shape[0]) if t.numel() == 1 else t
         a, s = alpha_sigma(self.alphas_cumprod, t)
         shape = (-1,) + (1,) * (x.ndim - 1)
-        return a.reshape(shape).to(torch.float64), s.reshape(shape).to(torch.float64)
+        dt = _wide(x.device)
+        return a.reshape(shape).to(dt), s.reshape(shape).to(dt)
 
     def __call__(self, uncond: Tensor, cond: Tensor, timestep, g: float, x_t: Tensor) -> Tensor:
         t_now = float(torch.as_tensor(timestep).float().reshape(-1)[0])
@@ -68,17 +74,18 @@ class RuleHook:
             self.reset()
         self.last_t = t_now
         a, s = self._coefficients(timestep, cond)
-        pt, x = self.prediction_type, x_t.double()
+        pt, dt = self.prediction_type, _wide(cond.device)
+        x = x_t.to(dt)
         if self.name == "interval":
             out = self.fn(
                 uncond, cond, (s / a).reshape(-1), g, t_lo=self.args["t_lo"], t_hi=self.args["t_hi"]
             )
         elif self.name == "apg":
-            u0, c0 = to_x0(uncond.double(), x, a, s, pt), to_x0(cond.double(), x, a, s, pt)
+            u0, c0 = to_x0(uncond.to(dt), x, a, s, pt), to_x0(cond.to(dt), x, a, s, pt)
             x0, self.running = self.fn(u0, c0, None, g, running=self.running, **self.args)
             out = self._from_x0(x0, x, a, s)
         elif self.name == "cfg_zero_star":
-            uv, cv = (self._velocity(p.double(), x, a, s) for p in (uncond, cond))
+            uv, cv = (self._velocity(p.to(dt), x, a, s) for p in (uncond, cond))
             kw = dict(step=self.step, zero_init_steps=int(self.args["zero_init_steps"]))
             v = self.fn(uv, cv, None, g, use_optimized_scale=bool(self.args["use_optimized_scale"]), **kw)
             out = self._from_x0((x - s * v) / (a + s), x, a, s)  # x0 of velocity v at x_t
