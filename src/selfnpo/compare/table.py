@@ -30,7 +30,7 @@ from ..evaluation.stats import paired_diff_ci, win_rate
 from ..io import atomic_write_text
 from .settings import Setting
 
-TILE = 128  # largest tile side in the report's grid
+TILE = 112  # largest tile side in the report's grid (8 columns and the labels fit the page)
 
 
 def paired_table(
@@ -150,7 +150,7 @@ def write_outputs(cfg, out: Path, settings, folders, rows, table, names) -> dict
         paths["svg"].unlink(missing_ok=True)
     columns, cells = table_cells(table, names)
     grid = image_grid(settings, folders, rows, cfg.grid_prompts)
-    n_prompts = len({r["prompt"] for r in rows[0]})
+    n_prompts = len(rows[0]) // cfg.num_images_per_prompt
     paragraphs = [
         f"Model {cfg.model}; {n_prompts} prompts x {cfg.num_images_per_prompt} images, seeds from "
         f"{cfg.seed}; {cfg.steps} steps; guidance scale g = {cfg.guidance_scale:g}.",
