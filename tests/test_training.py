@@ -323,3 +323,24 @@ def test_resume_accepts_a_run_written_before_a_setting_existed(tiny_sd, prompts_
     assert train_tiny(tiny_sd, run, prompts_file, steps=2, resume=True).steps == 2
     with pytest.raises(SelfNPOError, match="reward_guidance was 7.5 in this run, now 2.0"):
         train_tiny(tiny_sd, run, prompts_file, steps=3, resume=True, reward_guidance=2.0)
+
+
+@pytest.mark.parametrize("source", ["self", "noise"])
+def test_text_encoder_calls_do_not_grow_with_steps(tiny_sd, prompts_file, tmp_path, source):
+    """Text embeddings are computed once per run: 2 and 6 steps make the same encoder calls."""
+    calls = []
+    for steps in (2, 6):
+        pipe = load_pipeline(tiny_sd, device="cpu", dtype="fp32")
+        n = [0]
+        pipe.text_encoder.register_forward_hook(lambda *a, n=n: n.__setitem__(0, n[0] + 1))
+        train_tiny(
+            tiny_sd,
+            tmp_path / f"{source}{steps}",
+            prompts_file,
+            pipe=pipe,
+            source=source,
+            steps=steps,
+            caption_dropout=0.5,
+        )
+        calls.append(n[0])
+    assert calls[0] == calls[1] > 0

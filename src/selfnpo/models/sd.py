@@ -92,6 +92,18 @@ class DiffusionModel:
                 out.append(self._encode_one(p))
         return Cond.cat(out)
 
+    def warm_cache(self, prompts: Sequence[str]) -> int:
+        """Encode every distinct prompt of a run (and the empty one) once, before the first step.
+
+        Training then never calls a text encoder again: every step's conditioning is a cache hit.
+        Prompt sets larger than the cache are left to the per-step cache (returns 0).
+        """
+        distinct = list(dict.fromkeys(["", *prompts]))
+        if len(distinct) > self.CACHE_SIZE:
+            return 0
+        self.encode(distinct)
+        return len(distinct)
+
     def uncond(self, batch: int) -> Cond:
         """Unconditional input: empty prompt (SD1.5) or zero embeddings (SDXL default)."""
         base = self.encode([""])

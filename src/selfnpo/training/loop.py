@@ -142,6 +142,7 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
     model.unet, opt = acc.prepare(model.unet, opt)
     gen = torch.Generator(acc.device).manual_seed(cfg.seed + acc.process_index)
     src = source or make_source(cfg, model, offset, prompts, run, progress and acc.is_main_process)
+    model.warm_cache(getattr(src, "prompts", []))  # text encodings once per run, not per step
     step = 0
     state = load_latest(run) if resuming else None
     if state is not None:
