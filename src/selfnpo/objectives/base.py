@@ -49,12 +49,29 @@ class StepContext:
     generator: torch.Generator
     offset: object | None = None
     reward: Callable[[Tensor, list[str]], Tensor] | None = None
+    shard: tuple[int, int] = (0, 1)  # (this process, processes): see :meth:`randn`
+
+    def _rows(self, draw: Callable[[tuple[int, ...]], Tensor], shape: tuple[int, ...]) -> Tensor:
+        i, k = self.shard
+        if k == 1:
+            return draw(shape)
+        n = shape[0]
+        return draw((n * k, *shape[1:]))[i * n : (i + 1) * n]
 
     def randn(self, shape: tuple[int, ...]) -> Tensor:
+        """Standard normal, one row per sample along the first dimension. With several processes
+        (one generator, the same in each) every process draws the global batch and keeps its own
+        rows, so the result equals one process with the global batch."""
         g = self.generator
-        return torch.randn(shape, generator=g, device=g.device)
+        return self._rows(lambda s: torch.randn(s, generator=g, device=g.device), shape)
 
     def rand(self, n: int) -> Tensor:
+        """Uniform on [0, 1) in float64, one per sample (sharded as :meth:`randn`)."""
+        g = self.generator
+        return self._rows(lambda s: torch.rand(s, generator=g, device=g.device, dtype=torch.float64), (n,))
+
+    def rand_shared(self, n: int) -> Tensor:
+        """Uniform draws for the whole batch (e.g. one step count per step): the same in every process."""
         g = self.generator
         return torch.rand((n,), generator=g, device=g.device, dtype=torch.float64)
 

@@ -173,7 +173,7 @@ def _generate(ctx: StepContext, batch: Batch, plus: bool) -> Tensor:
         etas = torch.full((K, n), c.r0_eta)
     else:
         etas = ctx.rand(K * n).reshape(K, n).float()
-    calls = int(ctx.rand(1).item() * K) + 1 if plus else K
+    calls = int(ctx.rand_shared(1).item() * K) + 1 if plus else K
 
     def f(x: Tensor, t: Tensor) -> Tensor:
         return ctx.student(x, t, batch.cond)

@@ -30,6 +30,26 @@ def _draw(g: torch.Generator, n: int, size: int) -> list[int]:
     return torch.randint(size, (n,), generator=g, device=g.device).tolist()
 
 
+def draw_batch(
+    src: Source, g: torch.Generator, n: int, dropout: float = 0.0, shard: tuple[int, int] = (0, 1)
+) -> tuple[list[str], Tensor | tuple[Tensor, Tensor] | None]:
+    """This process's ``n`` samples of a global batch of ``n * processes``, prompts dropped to ""
+    with probability ``dropout``. Every process draws the whole global batch from the same
+    generator and keeps rows ``[i n, (i + 1) n)``, so ``P`` processes see what one process with
+    batch ``P n`` sees."""
+    i, k = shard
+    prompts, x0 = src.sample(g, n * k)
+    if dropout > 0:
+        drop = torch.rand(len(prompts), generator=g, device=g.device).tolist()
+        prompts = ["" if u < dropout else p for p, u in zip(prompts, drop, strict=True)]
+    if k == 1:
+        return prompts, x0
+    rows = slice(i * n, (i + 1) * n)
+    if isinstance(x0, tuple):  # preference sources: (winners, losers)
+        return prompts[rows], tuple(v[rows] for v in x0)
+    return prompts[rows], None if x0 is None else x0[rows]
+
+
 class PromptSource:
     """Prompts only; objectives start from noise (or simulate the data themselves)."""
 

@@ -26,7 +26,7 @@ from ..objectives.base import PROMPT_ONLY_OBJECTIVES, REWARD_OBJECTIVES, Batch, 
 from ..rewards import get_reward
 from .checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from .config import TrainConfig, with_defaults
-from .data import LatentPool, PromptSource, Source, encode_image_folder, generate_pool
+from .data import LatentPool, PromptSource, Source, draw_batch, encode_image_folder, generate_pool
 from .offset import TrainableOffset
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,9 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
     prompts = read_prompts(cfg.prompts) if needs_prompts else []
     if pipe is None:
         resolve_model_class(cfg.model)
-    run, resuming = prepare_run_dir(cfg)
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+    run, resuming = _prepare_on_main(cfg, acc)
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
     model = DiffusionModel(pipe)
@@ -140,8 +140,10 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
     offset = TrainableOffset(model, cfg)
     opt = torch.optim.AdamW(offset.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.unet, opt = acc.prepare(model.unet, opt)
-    gen = torch.Generator(acc.device).manual_seed(cfg.seed + acc.process_index)
-    src = source or make_source(cfg, model, offset, prompts, run, progress and acc.is_main_process)
+    # one generator, the same in every process: each draws the global batch and keeps its rows
+    gen = torch.Generator(acc.device).manual_seed(cfg.seed)
+    with acc.main_process_first():  # the main process builds the pool file, the others load it
+        src = source or make_source(cfg, model, offset, prompts, run, progress and acc.is_main_process)
     model.warm_cache(getattr(src, "prompts", []))  # text encodings once per run, not per step
     step = 0
     state = load_latest(run) if resuming else None
@@ -151,10 +153,14 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
         optimizer_from_flat(opt, tensors, meta["optimizer"])
         gen.set_state(tensors["rng"].to(torch.uint8))
         step = int(meta["step"])
-        _trim_log(run, step)
+        if acc.is_main_process:
+            _trim_log(run, step)
     objective = get_objective(cfg.objective)
     reward = get_reward(cfg.reward, acc.device) if cfg.objective in REWARD_OBJECTIVES else None
-    ctx = StepContext(model, offset.student, offset.teacher, cfg, gen, offset=offset, reward=reward)
+    shard = (acc.process_index, acc.num_processes)
+    ctx = StepContext(
+        model, offset.student, offset.teacher, cfg, gen, offset=offset, reward=reward, shard=shard
+    )
     t0, loss_val, nfe0 = time.perf_counter(), float("nan"), model.nfe
     bar = tqdm(
         total=cfg.steps,
@@ -182,16 +188,14 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
     out = offset.save(run / "offset", meta) if acc.is_main_process else run / "offset"
     if cfg.save_model and acc.is_main_process:
         _save_model(model, offset, run / "model")
+    acc.wait_for_everyone()  # every process returns once the offset is written
     return RunResult(run, out, step, wall, model.nfe - nfe0, loss_val)
 
 
 def _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run) -> float:
     total = 0.0
     for micro in range(cfg.grad_accum):
-        prompts, x0 = src.sample(gen, cfg.batch_size)
-        if cfg.caption_dropout > 0:
-            drop = torch.rand(len(prompts), generator=gen, device=gen.device).tolist()
-            prompts = ["" if u < cfg.caption_dropout else p for p, u in zip(prompts, drop, strict=True)]
+        prompts, x0 = draw_batch(src, gen, cfg.batch_size, cfg.caption_dropout, ctx.shard)
         x0_l = None
         if isinstance(x0, tuple):  # preference sources: (winners, losers)
             x0, x0_l = x0
@@ -199,10 +203,12 @@ def _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run)
         sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(model.unet)
         with sync, acc.autocast():
             loss = objective(ctx, batch).mean() / cfg.grad_accum
-            if not torch.isfinite(loss):
+            if not _all_finite(acc, loss):
                 return _nonfinite(cfg, opt, step, run, "loss")
             acc.backward(loss)
         total += loss.item()
+    if acc.num_processes > 1:  # the loss of the global batch, as one process would log it
+        total = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
     if cfg.max_grad_norm > 0:
         norm = acc.clip_grad_norm_(offset.params, cfg.max_grad_norm)
         if not torch.isfinite(torch.as_tensor(norm)):
@@ -211,6 +217,23 @@ def _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run)
     opt.zero_grad(set_to_none=True)
     offset.update_teacher()
     return total
+
+
+def _all_finite(acc, loss) -> bool:
+    """Whether the loss is finite in every process (all must skip or stop together, or the others
+    would wait forever in the gradient all-reduce)."""
+    bad = torch.tensor(float(not torch.isfinite(loss)), device=acc.device)
+    return not (acc.reduce(bad, reduction="sum").item() if acc.num_processes > 1 else bad.item())
+
+
+def _prepare_on_main(cfg: TrainConfig, acc) -> tuple[Path, bool]:
+    """:func:`prepare_run_dir` in the main process only; the others learn whether it resumes."""
+    if acc.num_processes == 1:
+        return prepare_run_dir(cfg)
+    from accelerate.utils import broadcast_object_list
+
+    out = [prepare_run_dir(cfg) if acc.is_main_process else None]
+    return broadcast_object_list(out)[0]
 
 
 def _nonfinite(cfg, opt, step: int, run: Path, what: str) -> float:

@@ -95,9 +95,10 @@ class TrainableOffset:
 
     @torch.no_grad()
     def teacher(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        # past any DDP wrapper: a no-grad pass needs no gradient sync (nor its per-call hooks)
         if self.mode == "lora":
             with adapter_scales(self.model.unet, {STUDENT: 0.0}):
-                return self.model.predict(x, t, cond)
+                return self.model.predict(x, t, cond, unet=_unwrap(self.model.unet))
         return self.model.predict(x, t, cond, unet=self.teacher_net)
 
     @torch.no_grad()
@@ -117,7 +118,7 @@ class TrainableOffset:
         """
         from ..offsets import lora_layers
 
-        unet = getattr(self.model.unet, "module", self.model.unet)  # unwrap a DDP wrapper
+        unet = getattr(self.model.unet, "module", self.model.unet)  # inside any wrapper
         total = torch.zeros((), device=self.model.device)
         if self.mode == "lora":
             for layer in lora_layers(unet, STUDENT):
@@ -150,7 +151,7 @@ class TrainableOffset:
 
     def save(self, out_dir: Path, meta: dict) -> Path:
         """Write the negative offset: a diffusers LoRA folder, or ``full_delta.safetensors``."""
-        unet = self.model.unet
+        unet = getattr(self.model.unet, "module", self.model.unet)  # inside any wrapper
         if self.mode == "lora":
             return save_lora(self.model.pipe, unet, STUDENT, out_dir, meta)
         cur = unet.state_dict()
@@ -163,3 +164,11 @@ class TrainableOffset:
         path = Path(out_dir) / "full_delta.safetensors"
         save_full_delta(path, delta, meta)
         return path
+
+
+def _unwrap(unet: nn.Module) -> nn.Module:
+    """The UNet inside a DDP wrapper (whose weights are whole in every process); any other
+    wrapper (FSDP, DeepSpeed) is kept, since its forward gathers sharded weights."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return unet.module if isinstance(unet, DistributedDataParallel) else unet
