@@ -118,3 +118,45 @@ def test_full_delta_and_lora_scale_agree(tiny_sd, sd_lora, tmp_path):
         yb = b.unet(x, 300, encoder_hidden_states=emb).sample
     torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
     assert DELTA not in b.unet.state_dict()  # full deltas are never written into the module
+
+
+def _npo_run(path, kind_mode: str, **kw):
+    pipe = _load(path)
+    guide = NPOGuidance(pipe, mode=kind_mode, **kw)
+    with guide:
+        out = _run(pipe, "DDIMScheduler")
+    return out, guide.last_call
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_one_call_equals_the_split(kind, tiny_dir, sd_lora, sdxl_lora):
+    """CFG kept as one UNet call (LoRA chosen per sample) gives the split's images to float rounding."""
+    path, lora = str(tiny_dir / kind), (sd_lora if kind == "sd" else sdxl_lora)
+    split, how = _npo_run(path, "split", negative=lora, beta=0.7)
+    assert how == "split"
+    single, how = _npo_run(path, "auto", negative=lora, beta=0.7)
+    assert how == "single"
+    np.testing.assert_allclose(single, split, rtol=0, atol=1e-5)
+    # eta in the positive branch and delta in the negative one: one adapter per branch, one call
+    split, _ = _npo_run(path, "split", negative=lora, positive=lora, alpha=0.0, beta=0.5)
+    single, how = _npo_run(path, "single", negative=lora, positive=lora, alpha=0.0, beta=0.5)
+    assert how == "single"
+    np.testing.assert_allclose(single, split, rtol=0, atol=1e-5)
+
+
+def test_one_call_falls_back_to_the_split(tiny_sd, sd_lora, tmp_path):
+    from selfnpo.errors import SelfNPOError
+
+    # two offsets in the negative branch (alpha > 0): auto splits, single refuses
+    _, how = _npo_run(tiny_sd, "auto", negative=sd_lora, positive=sd_lora, alpha=0.5, beta=1.0)
+    assert how == "split"
+    with pytest.raises(SelfNPOError, match="cannot run as one call"):
+        _npo_run(tiny_sd, "single", negative=sd_lora, positive=sd_lora, alpha=0.5, beta=1.0)
+    # another adapter active in the UNet (a user's LoRA) would be dropped by a mixed batch: split
+    pipe = _load(tiny_sd)
+    pipe.load_lora_weights(str(sd_lora), adapter_name="style")
+    guide = NPOGuidance(pipe, negative=sd_lora, beta=1.0)
+    pipe.set_adapters(["style"])  # loading the offset left only it active; make "style" active again
+    with guide:
+        _run(pipe, "DDIMScheduler")
+    assert guide.last_call == "split"

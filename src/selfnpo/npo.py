@@ -3,8 +3,10 @@
 The conditional branch runs with ``theta + eta`` and the unconditional / negative-prompt branch
 with ``theta + alpha * eta + beta * delta`` (Diffusion-NPO eq. 10). diffusers' SD and SDXL
 pipelines evaluate classifier-free guidance as one UNet call on ``cat([negative, positive])``;
-while attached, :class:`NPOGuidance` splits that call in two and runs each half with its own
-weights. The user's pipeline, schedulers, LoRAs and other components stay as they are.
+while attached, :class:`NPOGuidance` keeps that one call and picks the LoRA adapter per sample
+(peft's mixed-batch inference) where each branch is the base plus at most one LoRA offset, and
+otherwise (full-weight deltas, DoRA, two offsets in one branch, other active adapters) splits
+the call in two and runs each half with its own weights. The user's pipeline, schedulers, LoRAs and other components stay as they are.
 
 Example::
 
@@ -22,12 +24,15 @@ from torch import Tensor
 
 from .errors import SelfNPOError
 from .offsets import (
+    BASE,
     activate_adapters,
     adapter_scales,
     deactivate_adapters,
     full_delta_call,
     load_full_delta,
+    mixed_batch_ready,
     offset_kind,
+    per_sample_adapters,
     resolve_offset_file,
 )
 
@@ -58,14 +63,26 @@ class NPOGuidance:
             output space (see :mod:`selfnpo.compare.hook`); the positive half handed back to the
             pipeline is ``uncond + (guided - uncond) / g``, so the pipeline's own
             ``uncond + g (cond - uncond)`` equals ``guided`` (to float rounding).
+        mode: ``"auto"`` (one batched call where it applies, else two), ``"single"`` (one call or
+            an error) or ``"split"`` (always two calls). ``last_call`` tells which one ran.
     """
 
     def __init__(
-        self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0, rule=None
+        self,
+        pipe,
+        negative=None,
+        positive=None,
+        alpha: float = 0.0,
+        beta: float = 1.0,
+        rule=None,
+        mode: str = "auto",
     ) -> None:
+        if mode not in ("auto", "single", "split"):
+            raise ValueError(f"mode must be auto, single or split, not {mode!r}")
         self.pipe, self.unet = pipe, pipe.unet
         self.alpha, self.beta = float(alpha), float(beta)
-        self.rule = rule
+        self.rule, self.mode = rule, mode
+        self.last_call: str | None = None  # "single", "split" or "plain" (identical branches)
         self._full: dict[str, dict[str, Tensor]] = {}
         self._lora: list[str] = []
         for name, src in ((ETA, positive), (DELTA, negative)):
@@ -122,12 +139,19 @@ class NPOGuidance:
         cfg_on = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
         if not cfg_on or (pos_w == neg_w and self.rule is None):
             # identical branches: one batched call, as diffusers does
+            self.last_call = "plain"
             return self._call(pos_w, (sample, timestep, *args), kwargs)
         tuple_out = kwargs.get("return_dict", True) is False
+        out = None
         if pos_w == neg_w:
+            self.last_call = "plain"
             out = self._call(pos_w, (sample, timestep, *args), kwargs)
+        elif self.mode != "split":
+            out = self._single_call(pos_w, neg_w, n, (sample, timestep, *args), kwargs)
+        if out is not None:
             neg, pos = (out[0] if tuple_out else out.sample).chunk(2)
         else:
+            self.last_call = "split"
             outs = []
             for half, w in ((0, neg_w), (1, pos_w)):
                 a = [_split(x, n, half) for x in (sample, timestep, *args)]
@@ -139,6 +163,46 @@ class NPOGuidance:
             pos = self._ruled_positive(neg, pos, _split(sample, n, 1), _split(timestep, n, 1))
         both = torch.cat([neg, pos])
         return (both,) if tuple_out else type(out)(sample=both)
+
+    def _branch_adapters(self, pos_w: dict[str, float], neg_w: dict[str, float]) -> tuple[str, str] | None:
+        """``(negative, positive)`` adapter names when each branch is the base plus at most one
+        LoRA offset and a mixed batch can run them; None where the call must be split."""
+        if any(c != 0 for w in (pos_w, neg_w) for k, c in w.items() if k in self._full):
+            return None  # full-weight deltas change the weights themselves, for the whole batch
+        pick = []
+        for w in (neg_w, pos_w):
+            on = [k for k, c in w.items() if k in self._lora and c != 0]
+            if len(on) > 1:
+                return None
+            pick.append(on[0] if on else BASE)
+        if pick[0] == pick[1]:  # one adapter at two different scales
+            return None
+        if not mixed_batch_ready(self.unet, set(pick) - {BASE}, set(self._lora)):
+            return None
+        return pick[0], pick[1]
+
+    def _single_call(self, pos_w, neg_w, n: int, args, kwargs):
+        """CFG's one batched call with the negative half on its offset and the positive half on
+        its own (peft's per-sample adapter selection); None where that cannot apply."""
+        names = self._branch_adapters(pos_w, neg_w)
+        if names is None:
+            if self.mode == "single":
+                raise SelfNPOError(
+                    "NPO guidance cannot run as one call here (a full-weight delta, DoRA, two "
+                    "offsets in one branch or other active adapters); use mode='auto'"
+                )
+            return None
+        neg, pos = names
+        scales = {k: w[k] for k, w in ((neg, neg_w), (pos, pos_w)) if k != BASE}
+        per_sample = [neg] * (n // 2) + [pos] * (n // 2)
+        with adapter_scales(self.unet, scales), per_sample_adapters(self.unet, per_sample):
+            self._inside = True
+            try:
+                out = self._orig(*args, **kwargs)
+            finally:
+                self._inside = False
+        self.last_call = "single"
+        return out
 
     def _ruled_positive(self, neg: Tensor, pos: Tensor, x_t: Tensor, timestep) -> Tensor:
         """The positive half for which the pipeline's ``neg + g (pos' - neg)`` is ``rule(neg, pos)``."""

@@ -80,6 +80,45 @@ def adapter_scales(module: nn.Module, scales: Mapping[str, float]) -> Iterator[N
             table[name] = value
 
 
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+def mixed_batch_ready(module: nn.Module, names: set[str], allowed: set[str]) -> bool:
+    """Whether every LoRA layer can run peft's mixed-batch forward for ``names``: unmerged, no DoRA
+    among them, and no active adapter outside ``allowed`` (a mixed batch applies only the one
+    adapter named per sample, so any other active adapter would be dropped)."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in module.modules():
+        if isinstance(m, LoraLayer):
+            if not hasattr(m, "_mixed_batch_forward") or m.merged:
+                return False
+            if any(m.use_dora.get(n, False) for n in names) or set(m.active_adapters) - allowed:
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def per_sample_adapters(module: nn.Module, names: list[str]) -> Iterator[None]:
+    """Run every LoRA layer of ``module`` with adapter ``names[i]`` for sample ``i`` (peft's
+    mixed-batch inference; ``"__base__"``: no adapter), at each adapter's current scaling."""
+    from peft.tuners.lora import LoraLayer
+
+    def hook(mod, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = [
+        m.register_forward_pre_hook(hook, with_kwargs=True)
+        for m in module.modules()
+        if isinstance(m, LoraLayer)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def canonical_params(module: nn.Module) -> dict[str, tuple[str, Tensor]]:
     """Parameters by their name in the plain model -> (current name, tensor).
 
