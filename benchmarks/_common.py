@@ -52,6 +52,38 @@ QUICK_UNET = dict(
     norm_num_groups=8,
 )
 
+# The real SDXL base UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json), random weights.
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+QUICK_SDXL_UNET = dict(
+    SDXL_UNET,
+    sample_size=16,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    transformer_layers_per_block=(1, 1, 1),
+    attention_head_dim=(2, 2, 2),
+    cross_attention_dim=64,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+    norm_num_groups=8,
+)
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
 PROMPTS = [
     "a photo of a red apple on a wooden table",
     "a watercolor painting of a lighthouse at dusk",
@@ -78,47 +110,118 @@ def setup_env(threads: int) -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def unet_config(quick: bool) -> dict:
+def unet_config(quick: bool, arch: str = "sd15") -> dict:
+    if arch == "sdxl":
+        return dict(QUICK_SDXL_UNET if quick else SDXL_UNET)
     return dict(QUICK_UNET if quick else SD15_UNET)
 
 
-def build_pipeline(quick: bool, workdir: Path, seed: int = 0):
-    """A random-weight StableDiffusionPipeline: SD1.5 UNet, 1-layer CLIP text encoder, small VAE.
+def build_pipeline(
+    quick: bool, workdir: Path, seed: int = 0, arch: str = "sd15", device: str = "cpu", dtype: str = "fp32"
+):
+    """A random-weight SD1.5 (``arch="sd15"``) or SDXL (``"sdxl"``) pipeline: the real UNet,
+    1-layer CLIP text encoder(s) of the real widths, a small VAE.
 
-    The VAE has four levels (scale factor 8, as SD1.5) so the pipeline's default resolution maps
-    to 64x64 latents (16x16 with ``quick``), but tiny widths: it is never run in a measured region.
+    The VAE has four levels (scale factor 8, as SD1.5 / SDXL) so the pipeline's default resolution
+    maps to the real latent size (64x64, SDXL 128x128; 16x16 with ``quick``), but tiny widths: it is
+    never run in a measured region. The UNet is initialised on ``device`` (fast on a GPU) and the
+    whole pipeline cast to ``dtype``.
     """
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     from selfnpo.models.tiny import autoencoder, sd_scheduler, text_encoder, write_tiny_vocab
 
-    ucfg = unet_config(quick)
+    ucfg = unet_config(quick, arch)
     tok_dir = write_tiny_vocab(Path(workdir) / "tokenizer")
     tok = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
     vocab = len(tok)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**ucfg)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**ucfg)
     hidden = ucfg["cross_attention_dim"]
-    te = text_encoder(
-        vocab, hidden, seed=seed + 1, layers=1, heads=12 if not quick else 2, intermediate=hidden * 4
-    )
     torch.manual_seed(seed + 2)
     vae = autoencoder((8, 8, 8, 8), 4, ucfg["sample_size"] * 8, norm_groups=4)
     sched = sd_scheduler()
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=te,
-        tokenizer=tok,
-        unet=unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if arch == "sdxl":  # two encoders whose hidden states concatenate to cross_attention_dim
+        h1, h2 = (32, 32) if quick else (768, 1280)
+        te1 = text_encoder(vocab, h1, seed=seed + 1, layers=1, heads=2 if quick else 12, intermediate=h1 * 4)
+        te2 = text_encoder(
+            vocab, h2, h2, seed=seed + 3, layers=1, heads=2 if quick else 20, intermediate=h2 * 4
+        )
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=te1,
+            text_encoder_2=te2,
+            tokenizer=tok,
+            tokenizer_2=tok,
+            unet=unet,
+            scheduler=sched,
+        )
+    else:
+        te = text_encoder(
+            vocab, hidden, seed=seed + 1, layers=1, heads=12 if not quick else 2, intermediate=hidden * 4
+        )
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            unet=unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device, getattr(torch, DTYPES[dtype]))
+
+
+# ---- device, dtype, GPU memory -------------------------------------------------------------------
+def add_device_args(ap, dtype_help: str = "weights' dtype") -> None:
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the arms run [cpu]")
+    ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help=f"{dtype_help} [fp32]")
+    ap.add_argument(
+        "--json-out", help="write this run's record here instead of appending to benchmarks/results/"
+    )
+
+
+def device_args(a) -> list[str]:
+    """The device options to hand down to an arm subprocess."""
+    return ["--device", a.device, "--dtype", a.dtype]
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that ``perf_counter`` times what ran."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(device: str) -> dict:
+    """Peak RSS of this process and, on a GPU, ``torch.cuda.max_memory_allocated`` (whole process)."""
+    import torch
+
+    out = {"peak_rss_bytes": peak_rss_bytes()}
+    if device == "cuda":
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def peak_bytes(r: dict) -> int:
+    """The figure a memory ratio uses: GPU peak where measured, else peak RSS."""
+    return r.get("peak_cuda_bytes") or r["peak_rss_bytes"]
+
+
+def save_record(name: str, a, record: dict) -> Path:
+    """Write ``record`` to ``--json-out`` when given, else append it to the results file."""
+    record.setdefault("settings", {}).update(device=a.device, dtype=a.dtype)
+    if getattr(a, "json_out", None):
+        write_json(Path(a.json_out), record)
+        return Path(a.json_out)
+    return append_results(name, a.quick, record)
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -208,8 +311,13 @@ class StepProbe:
         self._orig = loop._one_step
 
         def timed(*args, **kw):
+            import torch
+
+            gpu = "cuda" if torch.cuda.is_initialized() else "cpu"
+            sync(gpu)
             t0 = time.perf_counter()
             loss = self._orig(*args, **kw)
+            sync(gpu)
             self.times.append(time.perf_counter() - t0)
             self.losses.append(float(loss))
             self.rss_after.append(rss_bytes())
@@ -252,11 +360,20 @@ def warm_up_forward(pipe, batch: int = 1) -> float:
 
     u = pipe.unet
     c = u.config
-    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size)
-    enc = torch.zeros(batch, 77, c.cross_attention_dim)
+    kw = {"device": u.device, "dtype": u.dtype}
+    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, **kw)
+    enc = torch.zeros(batch, 77, c.cross_attention_dim, **kw)
+    extra = {}
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(batch, pooled, **kw),
+            "time_ids": torch.zeros(batch, 6, **kw),
+        }
     t0 = time.perf_counter()
     with torch.no_grad():
-        u(x, torch.full((batch,), 500), encoder_hidden_states=enc)
+        u(x, torch.full((batch,), 500, device=u.device), encoder_hidden_states=enc, **extra)
+    sync(u.device.type)
     return time.perf_counter() - t0
 
 

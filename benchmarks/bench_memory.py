@@ -57,13 +57,15 @@ def arm_train(a) -> dict:
     prompts.write_text("\n".join(C.PROMPTS) + "\n")
     res: dict = {"arm": a.arm}
     t0 = time.perf_counter()
-    pipe = C.build_pipeline(a.quick, work)
+    pipe = C.build_pipeline(a.quick, work, device=a.device)  # fp32 weights; --dtype is autocast
     res["build_s"] = round(time.perf_counter() - t0, 1)
     res["rss_after_build_bytes"] = C.rss_bytes()
+    if a.device == "cuda":
+        res["cuda_after_build_bytes"] = torch.cuda.memory_allocated()
     res["unet_param_bytes"] = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
     s = pipe.unet.config.sample_size
     g = torch.Generator().manual_seed(a.seed + 1)
-    pool = LatentPool(torch.randn(len(C.PROMPTS), 4, s, s, generator=g), list(C.PROMPTS))
+    pool = LatentPool(torch.randn(len(C.PROMPTS), 4, s, s, generator=g), list(C.PROMPTS))  # on the CPU
     cfg = TrainConfig(
         model="random-sd15-architecture",
         prompts=str(prompts),
@@ -75,7 +77,8 @@ def arm_train(a) -> dict:
         batch_size=1,
         checkpoint_every=0,
         log_every=1,
-        device="cpu",
+        device=a.device,
+        mixed_precision={"fp32": "no"}.get(a.dtype, a.dtype),
         seed=a.seed,
         nonfinite="skip",
         lora_rank=8,
@@ -99,7 +102,7 @@ def arm_train(a) -> dict:
         losses_finite=all(torch.isfinite(torch.tensor(probe.losses)).tolist()),
         rss_after_steps_bytes=probe.rss_after,
         stopped_before_checkpoint=stopped,
-        peak_rss_bytes=C.peak_rss_bytes(),
+        **C.peak_memory(a.device),
     )
     return res
 
@@ -113,7 +116,8 @@ def parent(a) -> None:
     for arm in arms:
         args = ["--work", str(work), "--steps", str(a.steps), "--seed", str(a.seed)]
         args += ["--quick"] if a.quick else []
-        if arm == "tdft-full" and not a.quick:
+        args += C.device_args(a)
+        if arm == "tdft-full" and not a.quick and a.device == "cpu":
             # params + base copy + teacher copy + grads + 2 AdamW moments = 6x the weights
             need = 6 * 859_520_964 * 4 + (2 << 30)
             avail = C.mem_available_bytes()
@@ -137,27 +141,27 @@ def parent(a) -> None:
                 LABELS[k],
                 r.get("steps", "-"),
                 C.gib(r.get("rss_after_build_bytes")),
-                (">= " if r.get("aborted") else "") + C.gib(r["peak_rss_bytes"]),
+                (">= " if r.get("aborted") else "") + C.gib(C.peak_bytes(r)),
                 r.get("aborted", "") or " ".join(f"{t:.1f}" for t in r.get("step_times_s", [])),
             ]
         )
     print()
-    model = "QUICK UNet" if a.quick else "SD1.5 UNet 64x64 latents"
+    model = "QUICK UNet" if a.quick else f"SD1.5 UNet 64x64 latents, {a.dtype}, {a.device}"
     print(f"Peak memory, batch 1, {model}, {a.threads} thread(s)")
-    C.print_table(["arm", "steps", "RSS model GiB", "peak RSS GiB", "step times s / note"], rows)
+    peak = "peak GPU GiB" if a.device == "cuda" else "peak RSS GiB"
+    C.print_table(["arm", "steps", "RSS model GiB", peak, "step times s / note"], rows)
     ratios = {}
     t, d = results.get("tdft-lora", {}), results.get("diffusion-lora", {})
     if "peak_rss_bytes" in t and "peak_rss_bytes" in d:
-        ratios["tdft_lora_over_diffusion_lora"] = r1 = t["peak_rss_bytes"] / d["peak_rss_bytes"]
-        ext = (t["peak_rss_bytes"] - t["rss_after_build_bytes"]) / (
-            d["peak_rss_bytes"] - d["rss_after_build_bytes"]
-        )
+        ratios["tdft_lora_over_diffusion_lora"] = r1 = C.peak_bytes(t) / C.peak_bytes(d)
+        built = "cuda_after_build_bytes" if a.device == "cuda" else "rss_after_build_bytes"
+        ext = (C.peak_bytes(t) - t[built]) / (C.peak_bytes(d) - d[built])
         ratios["tdft_lora_over_diffusion_lora_above_model"] = ext
         print(f"peak ratio TDFT-LoRA / diffusion-LoRA = {r1:.3f}  {C.verdict(r1, TARGET)}")
         print(f"  (memory above the built model: ratio {ext:.3f})")
     f = results.get("tdft-full", {})
     if "peak_rss_bytes" in f and "peak_rss_bytes" in t and not f.get("aborted"):
-        ratios["tdft_full_over_tdft_lora"] = f["peak_rss_bytes"] / t["peak_rss_bytes"]
+        ratios["tdft_full_over_tdft_lora"] = C.peak_bytes(f) / C.peak_bytes(t)
         print(f"peak ratio TDFT-full / TDFT-LoRA = {ratios['tdft_full_over_tdft_lora']:.3f}")
     record = {
         "benchmark": "memory",
@@ -176,7 +180,7 @@ def parent(a) -> None:
         "ratios": ratios,
         "target": TARGET,
     }
-    print(f"results appended to {C.append_results('memory', a.quick, record)}")
+    print(f"results written to {C.save_record('memory', a, record)}")
 
 
 def main() -> None:
@@ -186,6 +190,7 @@ def main() -> None:
     ap.add_argument("--arms", default="tdft-lora,diffusion-lora", help="comma-separated arms")
     ap.add_argument("--with-full", action="store_true", help="also run tdft-full (needs ~21 GiB)")
     ap.add_argument("--seed", type=int, default=0)
+    C.add_device_args(ap, "mixed precision of the training step (autocast; weights stay fp32)")
     C.add_threads_arg(ap)
     ap.add_argument("--arm", choices=tuple(ARMS), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)

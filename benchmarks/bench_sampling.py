@@ -41,7 +41,7 @@ def arm_make_lora(a) -> dict:
 
     from selfnpo.offsets import save_lora
 
-    pipe = C.build_pipeline(a.quick, a.work)
+    pipe = C.build_pipeline(a.quick, a.work, arch=a.arch, device=a.device)
     unet = pipe.unet
     cfg = LoraConfig(
         r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian", target_modules=LORA_TARGETS
@@ -55,6 +55,7 @@ def arm_make_lora(a) -> dict:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
             if "lora_" in name:
                 n += p.numel()
+    unet.to("cpu")
     path = save_lora(pipe, unet, "bench_delta", Path(a.work) / "lora", {"purpose": "benchmark"})
     return {"lora_path": str(path), "lora_params": n, "lora_bytes": path.stat().st_size}
 
@@ -66,22 +67,25 @@ def arm_sample(a, npo: bool) -> dict:
 
     res: dict = {"npo": npo}
     t0 = time.perf_counter()
-    pipe = C.build_pipeline(a.quick, a.work)
+    pipe = C.build_pipeline(a.quick, a.work, arch=a.arch, device=a.device, dtype=a.dtype)
     res["build_s"] = round(time.perf_counter() - t0, 1)
     res["rss_after_build_bytes"] = C.rss_bytes()
-    pe, ne = pipe.encode_prompt(C.PROMPTS[0], "cpu", 1, True, negative_prompt="")  # cached text
+    if a.device == "cuda":
+        res["cuda_after_build_bytes"] = torch.cuda.memory_allocated()
+    text = encoded_prompt(pipe, a.device)  # text encoded once, outside the measured calls
 
     def call(steps: int):
-        return pipe(
-            prompt_embeds=pe,
-            negative_prompt_embeds=ne,
+        out = pipe(
+            **text,
             guidance_scale=7.5,
             num_inference_steps=steps,
             output_type="latent",
             generator=torch.Generator("cpu").manual_seed(a.seed),
         ).images
+        C.sync(a.device)
+        return out
 
-    guide = NPOGuidance(pipe, negative=a.lora, beta=1.0) if npo else contextlib.nullcontext()
+    guide = NPOGuidance(pipe, negative=a.lora, beta=1.0, mode=a.npo_mode) if npo else contextlib.nullcontext()
     res["rss_after_offset_bytes"] = C.rss_bytes()
     counter = C.UNetCounter(pipe.unet)
     with guide:
@@ -102,62 +106,103 @@ def arm_sample(a, npo: bool) -> dict:
         unet_calls_per_step=counter.calls / (a.steps * a.repeats),
         unet_samples_per_step=counter.samples / (a.steps * a.repeats),
         latent_finite=bool(torch.isfinite(lat).all()),
-        latent_std=float(lat.std()),
-        peak_rss_bytes=C.peak_rss_bytes(),
+        latent_std=float(lat.float().std()),
+        **C.peak_memory(a.device),
     )
+    if npo:
+        res["npo_call"] = guide.last_call  # "single" (one batched call) or "split"
+    lat = lat.float().cpu()
     torch.save(lat, Path(a.work) / f"latent_{'npo' if npo else 'plain'}.pt")
     return res
 
 
+def encoded_prompt(pipe, device: str) -> dict:
+    """The pipeline's text keyword arguments for ``PROMPTS[0]`` with an empty negative prompt."""
+    out = pipe.encode_prompt(
+        prompt=C.PROMPTS[0],
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt="",
+    )
+    names = ["prompt_embeds", "negative_prompt_embeds"]
+    names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"] if len(out) == 4 else []
+    return dict(zip(names, out, strict=True))
+
+
 def arm_interleaved(a) -> dict:
-    """Time only: plain and NPO calls alternated in one process, so both see the same load."""
+    """Time only: plain CFG, NPO as one batched call (``mode="auto"``, the per-sample LoRA choice)
+    and NPO split in two calls (``mode="split"``), rotated in one process so all see the same load."""
     import torch
 
     from selfnpo.npo import NPOGuidance
 
-    pipe = C.build_pipeline(a.quick, a.work)
-    pe, ne = pipe.encode_prompt(C.PROMPTS[0], "cpu", 1, True, negative_prompt="")
+    pipe = C.build_pipeline(a.quick, a.work, arch=a.arch, device=a.device, dtype=a.dtype)
+    text = encoded_prompt(pipe, a.device)
     guide = NPOGuidance(pipe, negative=a.lora, beta=1.0)
+    how: dict[str, str | None] = {}
 
-    def call(npo: bool, steps: int) -> float:
-        if npo:
+    def call(mode: str, steps: int) -> float:
+        if mode != "plain":
+            guide.mode = "auto" if mode == "npo" else "split"
             guide.attach()
         t0 = time.perf_counter()
         pipe(
-            prompt_embeds=pe,
-            negative_prompt_embeds=ne,
+            **text,
             guidance_scale=7.5,
             num_inference_steps=steps,
             output_type="latent",
             generator=torch.Generator("cpu").manual_seed(a.seed),
         )
+        C.sync(a.device)
         dt = time.perf_counter() - t0
+        if mode != "plain":
+            how[mode] = guide.last_call
         guide.detach()
         return dt
 
-    warm = [call(False, 1), call(True, 1)]
+    modes = ("plain", "npo", "split")
+    warm = [call(m, 1) for m in modes]
     pairs = []
     for i in range(a.interleave):
-        order = (False, True) if i % 2 == 0 else (True, False)
-        t = {npo: call(npo, a.steps) for npo in order}
-        pairs.append({"plain_s": t[False], "npo_s": t[True], "ratio": t[True] / t[False]})
+        order = modes[i % 3 :] + modes[: i % 3]
+        t = {m: call(m, a.steps) for m in (order if i % 2 == 0 else order[::-1])}
+        pairs.append(
+            {
+                "plain_s": t["plain"],
+                "npo_s": t["npo"],
+                "split_s": t["split"],
+                "ratio": t["npo"] / t["plain"],
+                "split_ratio": t["split"] / t["plain"],
+                "split_over_single": t["split"] / t["npo"],
+            }
+        )
     return {
         "warmup_s": warm,
         "steps": a.steps,
+        "npo_call": how,
         "pairs": pairs,
         "ratio_median": statistics.median(p["ratio"] for p in pairs),
         "ratio_of_sums": sum(p["npo_s"] for p in pairs) / sum(p["plain_s"] for p in pairs),
+        "split_ratio_median": statistics.median(p["split_ratio"] for p in pairs),
+        "split_over_single_median": statistics.median(p["split_over_single"] for p in pairs),
     }
 
 
 def print_interleaved(r: dict) -> None:
     if r.get("returncode"):
         return
-    print(f"\nInterleaved in one process (time only), {r['steps']}-step calls, alternating order:")
+    print(f"\nInterleaved in one process (time only), {r['steps']}-step calls, rotating order:")
+    print(f"  NPO ran as: {r['npo_call']}")
     for i, p in enumerate(r["pairs"]):
-        print(f"  pair {i}: plain {p['plain_s']:.2f} s  NPO {p['npo_s']:.2f} s  ratio {p['ratio']:.3f}")
-    print(f"time ratio NPO/plain, median of pairs = {r['ratio_median']:.3f}  ", end="")
+        print(
+            f"  round {i}: plain {p['plain_s']:.2f} s  NPO one call {p['npo_s']:.2f} s  "
+            f"NPO split {p['split_s']:.2f} s  ratios {p['ratio']:.3f} / {p['split_ratio']:.3f}"
+        )
+    print(f"time ratio NPO (one call)/plain, median = {r['ratio_median']:.3f}  ", end="")
     print(f"{C.verdict(r['ratio_median'], TARGET_TIME)}; ratio of sums = {r['ratio_of_sums']:.3f}")
+    print(f"time ratio NPO split/plain, median = {r['split_ratio_median']:.3f}; ", end="")
+    print(f"split / one call, median = {r['split_over_single_median']:.3f}")
 
 
 def parent(a) -> None:
@@ -174,6 +219,11 @@ def parent(a) -> None:
         str(a.repeats),
         "--seed",
         str(a.seed),
+        "--arch",
+        a.arch,
+        "--npo-mode",
+        a.npo_mode,
+        *C.device_args(a),
     ]
     if a.quick:
         common.append("--quick")
@@ -192,7 +242,7 @@ def parent(a) -> None:
         record = {"benchmark": "sampling", "quick": a.quick, "machine": info, "lora": lora}
         record["settings"] = {"threads": a.threads, "steps": a.steps, "interleave": a.interleave}
         record["interleaved"] = inter
-        print(f"results appended to {C.append_results('sampling', a.quick, record)}")
+        print(f"results written to {C.save_record('sampling', a, record)}")
         return
     for r in range(a.rounds):  # alternate the arms so slow drift in machine load hits both
         order = ("plain", "npo") if r % 2 == 0 else ("npo", "plain")
@@ -212,7 +262,7 @@ def parent(a) -> None:
         sys.exit("an arm failed; see the messages above")
     diff = (torch.load(work / "latent_npo.pt") - torch.load(work / "latent_plain.pt")).abs().max().item()
     rows = []
-    for name, r in (("plain CFG", p), ("NPO (LoRA delta, beta=1)", n)):
+    for name, r in (("plain CFG", p), (f"NPO (LoRA delta, beta=1, {n.get('npo_call')})", n)):
         calls = r["unet_calls_per_step"]
         rows.append(
             [
@@ -221,15 +271,16 @@ def parent(a) -> None:
                 f"{r['time_s'] / a.steps:.2f}",
                 f"{calls:.0f} x b{r['unet_samples_per_step'] / calls:.0f}",
                 C.gib(r["rss_after_build_bytes"]),
-                C.gib(r["peak_rss_bytes"]),
+                C.gib(C.peak_bytes(r)),
             ]
         )
     time_ratio = n["time_s"] / p["time_s"]
-    mem_ratio = n["peak_rss_bytes"] / p["peak_rss_bytes"]
+    mem_ratio = C.peak_bytes(n) / C.peak_bytes(p)
     print()
-    model = "QUICK UNet" if a.quick else "SD1.5 UNet 64x64 latents"
+    model = f"QUICK {a.arch} UNet" if a.quick else f"{a.arch} UNet, real size, {a.dtype}, {a.device}"
     print(f"Sampling, batch 1, {a.steps} DDIM steps, guidance 7.5, {model}, {a.threads} thread(s)")
-    C.print_table(["arm", "time s", "s/step", "UNet calls/step", "RSS model GiB", "peak RSS GiB"], rows)
+    peak = "peak GPU GiB" if a.device == "cuda" else "peak RSS GiB"
+    C.print_table(["arm", "time s", "s/step", "UNet calls/step", "RSS model GiB", peak], rows)
     print(f"time ratio NPO/plain   = {time_ratio:.3f}  {C.verdict(time_ratio, TARGET_TIME)}")
     print(f"memory ratio NPO/plain = {mem_ratio:.3f}  {C.verdict(mem_ratio, TARGET_MEM)}")
     print(f"max |latent_npo - latent_plain| = {diff:.3g} (non-zero: the offset was applied)")
@@ -255,15 +306,20 @@ def parent(a) -> None:
             "lora_targets": LORA_TARGETS,
             "beta": 1.0,
             "seed": a.seed,
+            "arch": a.arch,
+            "npo_mode": a.npo_mode,
         },
         "lora": lora,
         "arms": arms,
-        "ratios": {"time_npo_over_plain": time_ratio, "peak_rss_npo_over_plain": mem_ratio},
+        "ratios": {
+            "time_npo_over_plain": time_ratio,
+            ("peak_cuda" if a.device == "cuda" else "peak_rss") + "_npo_over_plain": mem_ratio,
+        },
         "targets": {"time": TARGET_TIME, "memory": TARGET_MEM},
         "max_abs_latent_diff": diff,
         "interleaved": inter,
     }
-    print(f"results appended to {C.append_results('sampling', a.quick, record)}")
+    print(f"results written to {C.save_record('sampling', a, record)}")
 
 
 def main() -> None:
@@ -273,6 +329,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="measured calls per arm process (min is kept)")
     ap.add_argument("--rounds", type=int, default=None, help="arm processes per arm, alternating order")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"), help="UNet architecture [sd15]")
+    C.add_device_args(ap)
     C.add_threads_arg(ap)
     ap.add_argument(
         "--interleave",
@@ -281,6 +339,12 @@ def main() -> None:
         help="also time N pairs of plain/NPO calls alternated inside one process (time only)",
     )
     ap.add_argument("--interleave-only", action="store_true", help="only the interleaved measurement")
+    ap.add_argument(
+        "--npo-mode",
+        default="auto",
+        choices=("auto", "single", "split"),
+        help="NPOGuidance mode of the separate NPO arm [auto: one batched call where it applies]",
+    )
     ap.add_argument("--arm", choices=("make-lora", "plain", "npo", "interleaved"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)

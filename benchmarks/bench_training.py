@@ -22,6 +22,7 @@ runs in its own subprocess: build the model, one no-grad UNet warm-up forward, t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -45,6 +46,64 @@ LABELS = {
 }
 
 
+class StepBreakdown:
+    """Seconds and calls per part of a training step: teacher forwards (no grad), the student's
+    forward (with grad), its backward, gradient clipping, the optimizer step, the EMA update;
+    the rest of the step (sampling the batch, conditioning, schedule arithmetic, adapter-scale
+    switches, Python) is the step time minus these."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[float]] = {}
+        self._undo: list = []
+
+    def _wrap(self, owner, name: str, part) -> None:
+        real = getattr(owner, name)
+
+        def timed(*args, **kw):
+            import torch
+
+            gpu = "cuda" if torch.cuda.is_initialized() else "cpu"
+            C.sync(gpu)  # on a GPU each part is timed to its end, at the cost of these waits
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kw)
+            finally:
+                C.sync(gpu)
+                key = part() if callable(part) else part
+                self.parts.setdefault(key, []).append(time.perf_counter() - t0)
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, real))
+
+    def __enter__(self) -> StepBreakdown:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        from selfnpo.models.sd import DiffusionModel
+        from selfnpo.training.offset import TrainableOffset
+
+        fwd = lambda: "student_forward" if torch.is_grad_enabled() else "teacher_forward"  # noqa: E731
+        self._wrap(DiffusionModel, "predict", fwd)
+        self._wrap(Accelerator, "backward", "student_backward")
+        self._wrap(Accelerator, "clip_grad_norm_", "clip_grad_norm")
+        self._wrap(AcceleratedOptimizer, "step", "optimizer_step")
+        self._wrap(AcceleratedOptimizer, "zero_grad", "optimizer_step")
+        self._wrap(TrainableOffset, "update_teacher", "ema_update")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, real in reversed(self._undo):
+            setattr(owner, name, real)
+
+    def summary(self, step_times: list[float]) -> dict:
+        n = len(step_times)
+        out = {k: {"calls_per_step": len(v) / n, "s_per_step": sum(v) / n} for k, v in self.parts.items()}
+        other = sum(step_times) / n - sum(v["s_per_step"] for v in out.values())
+        out["other"] = {"calls_per_step": 1.0, "s_per_step": other}
+        return out
+
+
 def arm_train(a) -> dict:
     import torch
 
@@ -56,7 +115,7 @@ def arm_train(a) -> dict:
     prompts.write_text("\n".join(C.PROMPTS) + "\n")
     res: dict = {}
     t0 = time.perf_counter()
-    pipe = C.build_pipeline(a.quick, work)
+    pipe = C.build_pipeline(a.quick, work, device=a.device)  # fp32 weights; --dtype is autocast
     res["build_s"] = round(time.perf_counter() - t0, 1)
     res["warmup_forward_s"] = C.warm_up_forward(pipe) if a.warmup else None
     cfg = TrainConfig(
@@ -71,7 +130,8 @@ def arm_train(a) -> dict:
         batch_size=1,
         checkpoint_every=0,
         log_every=1,
-        device="cpu",
+        device=a.device,
+        mixed_precision={"fp32": "no"}.get(a.dtype, a.dtype),
         seed=a.seed,
         nonfinite="skip",
         train="lora",
@@ -79,8 +139,11 @@ def arm_train(a) -> dict:
         **ARMS[a.arm],
     )
     counter = C.UNetCounter(pipe.unet)
-    with C.StepProbe() as probe:
+    breakdown = StepBreakdown() if a.breakdown else contextlib.nullcontext()
+    with C.StepProbe() as probe, breakdown:
         out = train(cfg, progress=False, pipe=pipe)
+    if a.breakdown:
+        res["breakdown"] = breakdown.summary(probe.times)
     res.update(
         steps=out.steps,
         step_times_s=probe.times,
@@ -91,7 +154,7 @@ def arm_train(a) -> dict:
         network_evals_per_step=out.network_evals / out.steps,
         unet_samples_per_step=counter.samples / out.steps,
         train_wall_time_s=out.wall_time_s,
-        peak_rss_bytes=C.peak_rss_bytes(),
+        **C.peak_memory(a.device),
     )
     return res
 
@@ -106,6 +169,8 @@ def parent(a) -> None:
         args = ["--work", str(work), "--steps", str(steps[arm]), "--seed", str(a.seed)]
         args += ["--quick"] if a.quick else []
         args += [] if a.warmup else ["--no-warmup"]
+        args += ["--breakdown"] if a.breakdown else []
+        args += C.device_args(a)
         results[arm] = C.run_arm(me, arm, work / f"{arm}.json", args, threads=a.threads)
     info["loadavg_end"] = os.getloadavg()
 
@@ -119,13 +184,14 @@ def parent(a) -> None:
                 " ".join(f"{t:.1f}" for t in r["step_times_s"]),
                 f"{r['step_time_mean_s']:.2f}",
                 f"{r['network_evals_per_step']:.0f}",
-                C.gib(r["peak_rss_bytes"]),
+                C.gib(C.peak_bytes(r)),
             ]
         )
     print()
-    model = "QUICK UNet" if a.quick else "SD1.5 UNet 64x64 latents"
+    model = "QUICK UNet" if a.quick else f"SD1.5 UNet 64x64 latents, {a.dtype}, {a.device}"
     print(f"Training step, batch 1, LoRA r=8, {model}, {a.threads} thread(s)")
-    C.print_table(["arm", "steps", "step times s", "mean s/step", "network evals/step", "peak RSS GiB"], rows)
+    peak = "peak GPU GiB" if a.device == "cuda" else "peak RSS GiB"
+    C.print_table(["arm", "steps", "step times s", "mean s/step", "network evals/step", peak], rows)
     ratios = {}
     if "tdft" in ok:
         base = ok["tdft"]["step_time_mean_s"]
@@ -136,6 +202,8 @@ def parent(a) -> None:
                 ratios[f"{k}_over_tdft_network_evals"] = ne
                 tr = ratios[f"{k}_over_tdft"]
                 print(f"time ratio {k}/tdft = {tr:.3f}   (network evals ratio {ne:.3f})")
+    if a.breakdown:
+        ratios.update(print_breakdown(ok))
     bad = [k for k, r in ok.items() if not r["losses_finite"]]
     if bad:
         print(f"WARNING: non-finite loss in {bad}: skipped steps have no backward (too fast)")
@@ -157,7 +225,37 @@ def parent(a) -> None:
         "arms": results,
         "ratios": ratios,
     }
-    print(f"results appended to {C.append_results('training', a.quick, record)}")
+    print(f"results written to {C.save_record('training', a, record)}")
+
+
+def print_breakdown(ok: dict) -> dict:
+    """Per-part seconds per step of every arm, and what a cost model built from the TDFT arm's
+    parts predicts for the other arms' time ratios."""
+    parts = sorted({p for r in ok.values() for p in r["breakdown"]})
+    print("\nWhere a step's time goes (s per step; calls per step in brackets)")
+    rows = [[p] + [_part(r["breakdown"].get(p)) for r in ok.values()] for p in parts]
+    C.print_table(["part", *ok], rows)
+    if "tdft" not in ok:
+        return {}
+    b = ok["tdft"]["breakdown"]
+    f = b["teacher_forward"]["s_per_step"] / b["teacher_forward"]["calls_per_step"]
+    fixed = sum(v["s_per_step"] for k, v in b.items() if k != "teacher_forward")
+    print(
+        f"TDFT arm: one teacher forward F = {f:.3f} s; the rest of a step S = {fixed:.3f} s = {fixed / f:.2f} F"
+    )
+    out = {"teacher_forward_s": f, "rest_of_step_s": fixed, "rest_of_step_in_forwards": fixed / f}
+    for k, r in ok.items():
+        if k == "tdft" or "teacher_forward" not in r["breakdown"]:
+            continue
+        n = r["breakdown"]["teacher_forward"]["calls_per_step"]
+        pred = (n * f + fixed) / (b["teacher_forward"]["calls_per_step"] * f + fixed)
+        print(f"{k}/tdft predicted from TDFT's F and S: {pred:.3f}")
+        out[f"{k}_over_tdft_predicted"] = pred
+    return out
+
+
+def _part(v: dict | None) -> str:
+    return "-" if v is None else f"{v['s_per_step']:.3f} ({v['calls_per_step']:g})"
 
 
 def main() -> None:
@@ -169,6 +267,10 @@ def main() -> None:
     ap.add_argument("--steps-full-sim", type=int, default=None, help="measured steps of (c) [1; quick 3]")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up forward")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--breakdown", action="store_true", help="time each part of a step (forwards, backward, ...)"
+    )
+    C.add_device_args(ap, "mixed precision of the training step (autocast; weights stay fp32)")
     C.add_threads_arg(ap)
     ap.add_argument("--arm", choices=tuple(ARMS), help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
