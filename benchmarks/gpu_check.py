@@ -59,7 +59,7 @@ def parts(smoke: bool, out: Path) -> list[tuple[str, list[str], int]]:
         ("memory", [*py, str(HERE / "bench_memory.py"), *dev, *mem, "--json-out", str(rec / "memory.json")], 90),
     ] + [
         (f"train_{mp}", [*py, str(Path(__file__).resolve()), "--train-run", mp, str(out),
-                         *(["--cpu-smoke"] if smoke else [])], 60)
+                         *(["--cpu-smoke"] if smoke else [])], 75)
         for mp in (("no", "bf16") if smoke else ("fp16", "bf16"))
     ]  # fmt: skip
 
