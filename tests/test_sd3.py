@@ -16,6 +16,7 @@ from selfnpo.models import model_for
 from selfnpo.models.loading import load_pipeline, resolve_model_class
 from selfnpo.models.sd3 import SD3Model
 from selfnpo.npo import NPOGuidance
+from selfnpo.rewards import register_reward
 from selfnpo.schedules import FlowSchedule
 from selfnpo.training.offset import STUDENT, TEACHER
 
@@ -108,10 +109,25 @@ def test_tdft_changes_only_the_student_adapter(tiny_sd3, prompts_file, tmp_path)
     assert json.loads((res.offset_path.parent / "selfnpo_offset.json").read_text())["objective"] == "tdft"
 
 
-@pytest.mark.parametrize("objective,source", [("full_sim", "noise"), ("diffusion", "self"), ("tdft", "self")])
-def test_other_objectives_and_sources_run(tiny_sd3, prompts_file, tmp_path, objective, source):
+@register_reward("test_sd3_small")
+def _small(device):
+    return lambda images, prompts: 1e-3 * (images**2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize(
+    "objective,kw",
+    [
+        ("full_sim", {}),
+        ("diffusion", {"source": "self"}),
+        ("tdft", {"source": "self"}),
+        ("ddspo", {"ddspo_variant": "paired", "ddspo_loser_steps": 2}),
+        ("reward_npo", {"reward": "test_sd3_small", "reward_steps": 2}),
+        ("r0_plus", {"r0_rewards": "test_sd3_small:1", "r0_steps": 2}),
+    ],
+)
+def test_other_objectives_and_sources_run(tiny_sd3, prompts_file, tmp_path, objective, kw):
     res = train_tiny(
-        tiny_sd3, tmp_path / "run", prompts_file, objective=objective, source=source, grid_steps=5, k_steps=2
+        tiny_sd3, tmp_path / "run", prompts_file, objective=objective, grid_steps=5, k_steps=2, **kw
     )
     assert np.isfinite(res.final_loss) and res.offset_path.is_file()
 
@@ -179,3 +195,59 @@ def test_an_offset_of_another_family_is_a_one_line_error(tiny_sd3, sd3_lora, tin
         with pytest.raises(SelfNPOError, match="another model family") as e:
             NPOGuidance(_load(path), negative=lora)
         assert "\n" not in str(e.value)
+
+
+def test_generate_writes_images_and_refuses_a_vp_scheduler(tiny_sd3, sd3_lora, tmp_path):
+    from PIL import Image
+
+    from selfnpo.errors import SelfNPOError
+    from selfnpo.generate import GenerateConfig, generate
+
+    kw = dict(model=tiny_sd3, prompt="a red circle", steps=2, num_images_per_prompt=2, device="cpu")
+    jobs = generate(
+        GenerateConfig(**kw, negative_offset=str(sd3_lora), output_dir=str(tmp_path / "a")), progress=False
+    )
+    assert len(jobs) == 2 and Image.open(tmp_path / "a" / jobs[0]["file"]).size == (16, 16)
+    with pytest.raises(SelfNPOError, match="flow-matching"):
+        generate(
+            GenerateConfig(**kw, scheduler="DDIMScheduler", output_dir=str(tmp_path / "b")), progress=False
+        )
+
+
+def test_preference_pairs_and_dpo_npo(tiny_sd3, prompts_file, tmp_path):
+    from selfnpo.preference.build import PairsConfig, build_pairs
+
+    pairs = build_pairs(
+        PairsConfig(
+            model=tiny_sd3,
+            prompts=prompts_file,
+            output_dir=str(tmp_path / "pairs"),
+            reward="test_sd3_small",
+            steps=2,
+            device="cpu",
+        ),
+        progress=False,
+    )
+    res = train_tiny(tiny_sd3, tmp_path / "run", prompts_file, objective="dpo_npo", pairs=str(pairs))
+    assert np.isfinite(res.final_loss) and res.offset_path.is_file()
+
+
+def test_merged_offset_equals_the_lora_at_its_scale(tiny_sd3, sd3_lora, tmp_path):
+    from selfnpo.algebra import merge_offsets
+
+    merged = _load(str(merge_offsets(tiny_sd3, [(str(sd3_lora), 0.7)], tmp_path / "merged")))
+    ref = _load(tiny_sd3)
+    ref.load_lora_weights(str(sd3_lora), adapter_name="neg")
+    ref.set_adapters(["neg"], adapter_weights=[0.7])
+    g = torch.Generator().manual_seed(4)
+    kw = dict(
+        hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+        timestep=torch.full((2,), 400.0),
+        encoder_hidden_states=torch.randn(2, 333, 32, generator=g),
+        pooled_projections=torch.randn(2, 64, generator=g),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged.transformer(**kw)[0], ref.transformer(**kw)[0], rtol=1e-4, atol=1e-5
+        )
