@@ -57,6 +57,11 @@ class DiffusionModel:
     def num_train_timesteps(self) -> int:
         return self.schedule.num_train_timesteps
 
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """VP schedules only (an AttributeError on flow models); prefer ``schedule.alpha_sigma``."""
+        return self.schedule.alphas_cumprod
+
     # ---- geometry -------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
