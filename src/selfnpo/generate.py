@@ -28,6 +28,8 @@ SCHEDULERS = (
     "DDPMScheduler",
     "HeunDiscreteScheduler",
     "R0Scheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
 )
 
 
@@ -140,6 +142,10 @@ def generate(
     out = _prepare_output(cfg)
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    flow = type(pipe.scheduler).__name__.startswith("FlowMatch")
+    if cfg.scheduler and cfg.scheduler.startswith("FlowMatch") != flow:
+        kind = "a flow-matching" if flow else "a diffusion (VP)"
+        raise SelfNPOError(f"--scheduler {cfg.scheduler} does not fit {type(pipe).__name__}, {kind} model")
     if cfg.scheduler == "R0Scheduler":  # R0's few-step generator (docs/ddspo_r0.md)
         from .objectives.r0 import R0Scheduler
 

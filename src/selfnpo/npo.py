@@ -21,9 +21,11 @@ import torch
 from torch import Tensor
 
 from .errors import SelfNPOError
+from .models.sd import denoiser_network
 from .offsets import (
     activate_adapters,
     adapter_scales,
+    check_lora_family,
     deactivate_adapters,
     full_delta_call,
     load_full_delta,
@@ -63,7 +65,7 @@ class NPOGuidance:
     def __init__(
         self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0, rule=None
     ) -> None:
-        self.pipe, self.unet = pipe, pipe.unet
+        self.pipe, self.unet = pipe, denoiser_network(pipe)
         self.alpha, self.beta = float(alpha), float(beta)
         self.rule = rule
         self._full: dict[str, dict[str, Tensor]] = {}
@@ -85,6 +87,7 @@ class NPOGuidance:
         if loaded.get(name) == str(path.resolve()):  # already in this pipeline: reuse it
             self._lora.append(name)
             return
+        check_lora_family(path, self.pipe)
         if name in loaded:
             self.pipe.delete_adapters(name)
             del loaded[name]
@@ -114,28 +117,32 @@ class NPOGuidance:
             finally:
                 self._inside = False
 
-    def _forward(self, sample: Tensor, timestep, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
+        # UNets are called as (sample, timestep, ...), SD3's transformer with keywords only
         if self._inside:
-            return self._orig(sample, timestep, *args, **kwargs)
+            return self._orig(*args, **kwargs)
         pos_w, neg_w = self.branch_weights(False), self.branch_weights(True)
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         n = sample.shape[0]
         cfg_on = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
+        cfg_on = cfg_on and kwargs.get("skip_layers") is None  # SD3's skip-layer pass: conditional only
         if not cfg_on or (pos_w == neg_w and self.rule is None):
             # identical branches: one batched call, as diffusers does
-            return self._call(pos_w, (sample, timestep, *args), kwargs)
+            return self._call(pos_w, args, kwargs)
         tuple_out = kwargs.get("return_dict", True) is False
         if pos_w == neg_w:
-            out = self._call(pos_w, (sample, timestep, *args), kwargs)
+            out = self._call(pos_w, args, kwargs)
             neg, pos = (out[0] if tuple_out else out.sample).chunk(2)
         else:
             outs = []
             for half, w in ((0, neg_w), (1, pos_w)):
-                a = [_split(x, n, half) for x in (sample, timestep, *args)]
+                a = [_split(x, n, half) for x in args]
                 kw = {k: _split(v, n, half) for k, v in kwargs.items()}
                 outs.append(self._call(w, a, kw))
             out = outs[0]
             neg, pos = (o[0] if tuple_out else o.sample for o in outs)
         if self.rule is not None:
+            timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
             pos = self._ruled_positive(neg, pos, _split(sample, n, 1), _split(timestep, n, 1))
         both = torch.cat([neg, pos])
         return (both,) if tuple_out else type(out)(sample=both)

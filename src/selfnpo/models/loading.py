@@ -13,6 +13,7 @@ from ..errors import SelfNPOError
 SUPPORTED = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
 }
 
 
@@ -74,7 +75,7 @@ def resolve_model_class(model: str) -> str:
 
 
 def load_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
-    """Load an SD1.5-type or SDXL-type diffusers pipeline, without its safety checker."""
+    """Load an SD1.5-type, SDXL-type or SD3-type diffusers pipeline, without its safety checker."""
     import diffusers
 
     name = resolve_model_class(model)

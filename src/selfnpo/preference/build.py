@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..errors import SelfNPOError
 from ..io import atomic_dir, read_prompts
+from ..models import model_for
 from ..models.sd import DiffusionModel
 from ..schedules import ddim_grid
 from ..training.config import opt
@@ -107,7 +108,7 @@ def build_pairs(cfg: PairsConfig, pipe=None, progress: bool = True) -> Path:
         from ..world.model import shipped_model_dir
 
         pipe = load_pipeline(cfg.model or str(shipped_model_dir()), device=cfg.device, dtype="fp32")
-    model = DiffusionModel(pipe)
+    model = model_for(pipe)
     reward = get_reward(cfg.reward, model.device)
     t0, nfe0 = time.perf_counter(), model.nfe
     jobs = [(p, 2 * i + side) for i, p in enumerate(prompts) for side in (0, 1)]

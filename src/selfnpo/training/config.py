@@ -21,7 +21,7 @@ def with_defaults(cls: type, saved: dict) -> dict:
 class TrainConfig:
     """Self-NPO training. Defaults follow the authors' code (METHOD.md) except where noted."""
 
-    model: str = opt("", "diffusers model folder or hub id (SD1.5-type or SDXL-type pipeline)")
+    model: str = opt("", "diffusers model folder or hub id (SD1.5-type, SDXL-type or SD3 pipeline)")
     prompts: str = opt("", "prompt file: .txt (one per line), .tsv with a Prompt column, or .jsonl")
     output_dir: str = opt("runs/selfnpo", "run folder (config, log, checkpoints, offset)")
     objective: str = opt(
@@ -64,7 +64,9 @@ class TrainConfig:
     )
     lora_rank: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(0.0, "LoRA alpha (0 = same as rank, i.e. scale 1)")
-    lora_targets: str = opt("to_q,to_k,to_v,to_out.0", "comma-separated UNet module names given LoRA")
+    lora_targets: str = opt(
+        "to_q,to_k,to_v,to_out.0", "comma-separated module names of the denoising network given LoRA"
+    )
     lr: float = opt(1e-4, "learning rate (the authors use 1e-6 with full weights)")
     weight_decay: float = opt(1e-3, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import SelfNPOError
 from ..io import atomic_dir, atomic_write_text, read_prompts, remove_stale_temps
+from ..models import model_for
 from ..models.loading import load_pipeline, resolve_model_class
 from ..models.sd import DiffusionModel
 from ..objectives.base import PROMPT_ONLY_OBJECTIVES, REWARD_OBJECTIVES, Batch, StepContext, get_objective
@@ -135,7 +136,7 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
-    model = DiffusionModel(pipe)
+    model = model_for(pipe)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     offset = TrainableOffset(model, cfg)
     opt = torch.optim.AdamW(offset.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
