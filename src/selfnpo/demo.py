@@ -187,7 +187,10 @@ class EvalBench:
 
 def train_to(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int, source=None, **overrides):
     """Train (or continue) the run in ``run`` up to ``steps``; ``overrides`` are TrainConfig fields,
-    ``source`` an optional ready data source (e.g. a pool shared by several runs)."""
+    ``source`` an optional ready data source (e.g. a pool shared by several runs) or, given as a
+    string, the TrainConfig field of that name (self, images or noise)."""
+    if isinstance(source, str):
+        overrides["source"], source = source, None
     from .training.config import TrainConfig
     from .training.loop import train
 

@@ -234,7 +234,7 @@ def verdict(paired: dict) -> tuple[str, str]:
     difference"; only whether each interval excludes 0 decides.
     """
     names = {"reward": "reward", "alignment": "strict alignment", "kid": "KID"}
-    better, worse, mdes = [], [], []
+    better, worse, unresolved = [], [], []
     for key in (*VERDICT_METRICS, "kid"):
         c = paired.get(key)
         if not c or not c.get("n"):
@@ -244,7 +244,7 @@ def verdict(paired: dict) -> tuple[str, str]:
         elif c["outcome"] == "worse":
             worse.append(names[key])
         else:
-            mdes.append(f"{names[key]} {c['mde']:.3g}")
+            unresolved.append((names[key], c["mde"]))
     if better and not worse:
         word, line = "helps", f"helps ({', '.join(better)} better)"
     elif worse and not better:
@@ -252,13 +252,10 @@ def verdict(paired: dict) -> tuple[str, str]:
     elif better and worse:
         word, line = "mixed", f"mixed ({', '.join(better)} better; {', '.join(worse)} worse)"
     else:
-        word, line = "no detectable difference", "no detectable difference"
-    if mdes:
-        line += (
-            f" (MDE {', '.join(mdes)})"
-            if word == "no detectable difference"
-            else (f"; no detectable difference in {', '.join(mdes)} (MDE)")
-        )
+        word = "no detectable difference"
+        return word, f"{word} (MDE {', '.join(f'{n} {m:.3g}' for n, m in unresolved)})"
+    if unresolved:
+        line += "; no detectable difference in " + ", ".join(f"{n} (MDE {m:.3g})" for n, m in unresolved)
     return word, line
 
 
