@@ -51,7 +51,7 @@ class DemoConfig:
     betas: str = opt("0.5,1", "comma-separated offset scales beta of the sweep (0 = base is always run)")
     default_guidance: float = opt(3.0, "guidance scale for the image grid and the training curve")
     curve_points: int = opt(3, "evaluations along training")
-    seed: int = opt(0, "seed of prompts, training and sampling")
+    seed: int = opt(0, "seed of training and of the bootstrap (the split fixes evaluation prompts and seeds)")
     overwrite: bool = opt(False, "replace an existing report folder")
 
     def resolved(self) -> DemoConfig:
