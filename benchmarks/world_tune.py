@@ -27,11 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
 
 from selfnpo.demo import DemoConfig, EvalBench, train_to
 from selfnpo.evaluation.world_eval import ATTRIBUTES, Scores
@@ -92,8 +97,7 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def _fmt(ci) -> str:
-    return "-" if ci is None else f"{ci[0]:+.3g} [{ci[1]:+.3g}, {ci[2]:+.3g}]"
+_fmt = C.fmt_ci
 
 
 def _rate(ci) -> str:
@@ -244,18 +248,20 @@ def _table(split: str, fp: dict, results: dict) -> str:
         "",
         "## Every setting",
         "",
-        "| config | g | beta | verdict | reward diff | reward win rate | reward MDE | strict alignment diff "
-        "| alignment MDE | KID diff | KID MDE | n | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        C.markdown_header(["config", "g", "beta", "reward win rate", *C.PAIRED_HEADER, "train s"]),
     ]
     for r in rows:
-        p = r["paired"]
         cost = results[r["config"]]["training"]
         lines.append(
-            f"| {r['config']} | {r['guidance_scale']:g} | {r['beta']:g} | {r['verdict_word']} | "
-            f"{_fmt(p['reward']['diff'])} | {_rate(p['reward']['win_rate'])} | {p['reward']['mde']:.3g} | "
-            f"{_fmt(p['alignment']['diff'])} | {p['alignment']['mde']:.3g} | {_fmt(p['kid']['diff'])} | "
-            f"{p['kid']['mde']:.3g} | {p['reward']['n']} | {cost['wall_time_s']:.0f} |"
+            C.markdown_row(
+                [
+                    r["config"],
+                    f"{r['guidance_scale']:g}",
+                    f"{r['beta']:g}",
+                    _rate(r["paired"]["reward"]["win_rate"]),
+                ]
+                + [*C.paired_cells(r), f"{cost['wall_time_s']:.0f}"]
+            )
         )
     lines += ["", "## Per-attribute correctness difference vs base", ""]
     lines.append("| config | g | beta | " + " | ".join(ATTRIBUTES) + " |")
