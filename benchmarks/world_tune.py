@@ -16,6 +16,10 @@ Resumable: training runs are continued (offsets at several step counts come from
 finished (configuration, split) evaluations are skipped, and the base model's scores are cached
 per split and g. Results: OUTPUT/<split>/results.json and OUTPUT/<split>/table.md.
 
+Cost: the whole grid (25 configurations x 12 settings x 1,024 images at 25 DDIM steps, plus the
+base at 4 g) is about 300,000 images, roughly a day on 2 CPU cores; run it where a GPU is
+available, or narrow it (--configs, --guidance-scales, --betas, --eval-prompts).
+
     python benchmarks/world_tune.py --split validation --output runs/tune            # the grid
     python benchmarks/world_tune.py --split validation --output runs/tune --list     # its names
     python benchmarks/world_tune.py --split test --output runs/tune --configs NAME   # report
