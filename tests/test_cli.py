@@ -111,7 +111,7 @@ TRAIN_CASES = {
             "--output-dir",
             _write(t, "f", b"x") + "/run",
         ],
-        "cannot write the run folder",
+        "cannot write the output folder",
     ),
 }
 
@@ -145,14 +145,120 @@ def test_train_bad_input(case, capsys, tmp_path, tiny_sd, prompts_file):
     assert not (tmp_path / "run").exists()  # nothing was created for a rejected job
 
 
-def test_train_refuses_an_existing_run_folder(capsys, tmp_path, tiny_sd, prompts_file):
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _user_folder(tmp_path, tiny_sd):
+    """Folders selfnpo did not write: notes beside a config.json, and a diffusers model's unet/."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "config.json").write_text("{}")
+    (notes / "notes.txt").write_text("mine")
+    import shutil
+
+    unet = tmp_path / "unet"
+    shutil.copytree(f"{tiny_sd}/unet", unet)
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    (only_config / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    return [notes, unet, only_config]
+
+
+@pytest.mark.parametrize("flag", [[], ["--overwrite"], ["--resume"]])
+def test_train_never_touches_a_folder_it_did_not_write(flag, capsys, tmp_path, tiny_sd, prompts_file):
+    for folder in _user_folder(tmp_path, tiny_sd):
+        before = _snapshot(folder)
+        rc, err = _run(
+            capsys, "train", "--quiet", "--model", tiny_sd, "--prompts", prompts_file, "--steps", "1",
+            "--output-dir", str(folder), *flag,
+        )  # fmt: skip
+        assert rc == 2 and len(err.splitlines()) == 1, err
+        assert "not written by selfnpo" in err and "choose another --output-dir" in err, err
+        assert _snapshot(folder) == before
+
+
+def _train_args(tiny_sd, prompts_file, run, *extra):
+    return [
+        "train", "--quiet", "--model", tiny_sd, "--prompts", prompts_file, "--output-dir", str(run),
+        "--steps", "1", "--batch-size", "2", "--pool-size", "2", "--grid-steps", "5", "--k-steps", "1",
+        "--checkpoint-every", "0", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "typo",
+    [
+        ["--lr", "nan"],
+        ["--prompts-typo"],
+        ["--model", "/nonexistent/model"],
+        ["--device", "tpu"],
+        ["--objective", "magic"],
+    ],
+)
+def test_overwrite_checks_the_new_settings_before_removing_the_old_run(
+    typo, capsys, tmp_path, tiny_sd, prompts_file
+):
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text("{}")
-    (run / "notes.txt").write_text("mine")
-    rc, err = _run(capsys, "train", "--model", tiny_sd, "--prompts", prompts_file, "--output-dir", str(run))
-    assert rc == 2 and "--resume" in err and len(err.splitlines()) == 1
-    assert (run / "notes.txt").read_text() == "mine" and (run / "config.json").read_text() == "{}"
+    assert _run(capsys, *_train_args(tiny_sd, prompts_file, run))[0] == 0
+    assert (run / ".selfnpo-run").read_text().strip() == "train"
+    before = _snapshot(run)
+    args = _train_args(tiny_sd, prompts_file, run, "--overwrite")
+    if typo == ["--prompts-typo"]:
+        args[args.index("--prompts") + 1] = str(tmp_path / "promts.txt")
+    else:
+        args += typo
+    rc, err = _run(capsys, *args)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert _snapshot(run) == before  # the old run is intact
+    assert _run(capsys, *_train_args(tiny_sd, prompts_file, run, "--overwrite", "--seed", "3"))[0] == 0
+    assert json.loads((run / "config.json").read_text())["seed"] == 3
+
+
+def test_run_folders_of_earlier_versions_are_still_recognised(capsys, tmp_path, tiny_sd, prompts_file):
+    run = tmp_path / "run"
+    assert _run(capsys, *_train_args(tiny_sd, prompts_file, run))[0] == 0
+    (run / ".selfnpo-run").unlink()  # as written before the marker existed
+    (run / ".selfnpo-lock").unlink()
+    assert _run(capsys, *_train_args(tiny_sd, prompts_file, run, "--overwrite"))[0] == 0
+    assert (run / ".selfnpo-run").is_file()
+    other = tmp_path / "gen"
+    other.mkdir()
+    (other / ".selfnpo-run").write_text("generate\n")
+    rc, err = _run(capsys, *_train_args(tiny_sd, prompts_file, other, "--overwrite"))
+    assert rc == 2 and "selfnpo generate folder" in err and (other / ".selfnpo-run").is_file()
+
+
+def test_a_failed_run_leaves_no_folder_that_blocks_the_rerun(capsys, tmp_path, tiny_sd, prompts_file):
+    run = tmp_path / "run"
+    rc, err = _run(capsys, *_train_args(tiny_sd, prompts_file, run, "--lora-targets", "no_such_layer"))
+    assert rc == 2 and len(err.splitlines()) == 1 and "--lora-targets 'no_such_layer'" in err, err
+    assert not run.exists()
+    assert _run(capsys, *_train_args(tiny_sd, prompts_file, run))[0] == 0
+
+
+def test_import_pickapic_never_replaces_a_folder_it_did_not_write(capsys, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"caption": ["x"], "jpg_0": [b""], "jpg_1": [b""], "label_0": [0.5], "label_1": [0.5]}),
+        tmp_path / "in.parquet",
+    )
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    rc, err = _run(
+        capsys,
+        "import-pickapic",
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output-dir",
+        str(mine),
+        "--overwrite",
+    )
+    assert rc == 2 and "not written by selfnpo" in err
+    assert (mine / "thesis.tex").read_text() == "years of work"
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Noise schedules as pure functions of tensors.
 
-Forward process (METHOD.md notation): ``x_t = alpha_t * x_0 + sigma_t * eps``. For the Stable
+Forward process (docs/notation.md): ``x_t = alpha_t * x_0 + sigma_t * eps``. For the Stable
 Diffusion family ``alpha_t = sqrt(alphas_cumprod[t])`` and ``sigma_t = sqrt(1 - alphas_cumprod[t])``
 with integer ``t`` in ``0..T-1``; larger ``t`` is noisier.
 """
