@@ -89,7 +89,6 @@ class NPOGuidance:
     def _load_loras(self) -> None:
         """Load the LoRA offsets as adapters of the user's UNet (inactive until attached); remembers
         what the UNet looked like so that :meth:`_unload_loras` can restore it exactly."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
 
         if self._loaded:
             return
