@@ -37,9 +37,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
     try:
         yield tmp_path
+        # mkstemp makes 0600, and some writers replace the file: give it the umask's permissions
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -78,10 +79,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     old = path.parent / f".{path.name}.old"
     try:
         yield tmp
+        mask = _umask()
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o666 & ~mask)
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
+            elif f.is_dir():
+                os.chmod(f, 0o777 & ~mask)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)

@@ -75,20 +75,42 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+_COMPONENTS = {
+    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "StableDiffusionXLPipeline": (
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "scheduler",
+    ),
+}
+
+
 def _class_name(model: str) -> str:
     index = Path(model) / "model_index.json"
     if not index.is_file():
         raise SelfNPOError(f"{model}: not a diffusers model folder (no model_index.json)")
     try:
-        return json.loads(index.read_text())["_class_name"]
-    except (ValueError, KeyError, TypeError) as e:
+        spec = json.loads(index.read_text())
+        name = spec["_class_name"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise SelfNPOError(f"{index}: unreadable model_index.json ({e})") from None
+    missing = [c for c in _COMPONENTS.get(name, ()) if not (isinstance(spec.get(c), list) and spec[c][0])]
+    if missing:
+        raise SelfNPOError(
+            f"{index}: names {name} but has no {missing[0]} (a model_index.json of another pipeline?)"
+        )
+    return name
 
 
 def resolve_model_class(model: str) -> str:
     """Pipeline class name for a local folder or hub id, refusing unsupported ones."""
     if os.path.isdir(model):
         name = _class_name(model)
+        _check_safetensors(model)
     elif os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise SelfNPOError(f"{model}: no such model folder")
     else:
@@ -117,8 +139,6 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
 
     name = resolve_model_class(model)
     dev = check_device(device)
-    if os.path.isdir(model):
-        _check_safetensors(model)
     from packaging.version import Version
 
     key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
