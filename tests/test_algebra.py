@@ -346,3 +346,12 @@ def test_sweep_on_the_world_model(tmp_path, capsys):
     assert main([*args, "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["rows"] == m["rows"]
     assert main([*args[:-2], "--seed", "1", "--device", "cpu", "--resume"]) == 2
+    # a truncated image file (a crash of the disk) is made again, not a traceback; "out/" is "out"
+    f = out / "images" / "alpha0.5_beta1.0_g3.0.npy"
+    good = f.read_bytes()
+    f.write_bytes(good[:50])
+    resumed = [a if a != str(out) else str(out) + "/" for a in args]
+    assert main([*resumed, "--resume"]) == 0
+    assert f.read_bytes() == good
+    assert json.loads((out / "metrics.json").read_text())["rows"] == m["rows"]
+    assert (out / ".selfnpo-run").read_text().strip() == "sweep"

@@ -183,6 +183,18 @@ def _quiet_libraries() -> None:
         lib.utils.logging.set_verbosity_error()
 
 
+def _check_settings(ns: argparse.Namespace) -> None:
+    """Validate the command's settings on their own (no model, no files), as early as possible."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    cls = _config_class(COMMANDS[ns.command][0])
+    cfg = config_from_args(cls, ns)
+    if hasattr(cfg, "validate"):
+        cfg = cfg.validate()
+    if hasattr(cfg, "resolved"):
+        cfg.resolved()
+
+
 def _oom_error() -> type[BaseException]:
     import torch
 
@@ -234,10 +246,11 @@ def _interrupted(command: str, e: KeyboardInterrupt) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line to stderr and return exit code 2."""
     ns = build_parser().parse_args(argv)
-    _quiet_libraries()
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
+        _check_settings(ns)  # a typo is reported before diffusers and transformers are imported
+        _quiet_libraries()
         COMMANDS[ns.command][2](ns)
     except KeyboardInterrupt as e:
         sys.stdout.flush()

@@ -125,6 +125,10 @@ def generate_uint8(
 
 
 def _prepare(cfg: DemoConfig) -> Path:
+    from .models.loading import resolve_model_class
+    from .world.model import shipped_model_dir
+
+    resolve_model_class(cfg.model or str(shipped_model_dir()))  # before an old report is replaced
     out = Path(cfg.output)
     legacy = lambda o: (o / "demo_config.json").is_file()  # noqa: E731 - folders of earlier versions
     claim_output_dir(out, "demo", overwrite=cfg.overwrite, legacy=legacy, flag="--output")

@@ -125,7 +125,7 @@ def _prepare(cfg: SweepConfig) -> tuple[Path, bool]:
             raise SelfNPOError(f"{out / _MANIFEST}: damaged, cannot resume ({e})") from None
         for k, v in mine.items():
             old = saved.get(k)
-            if k in ("model", "negative", "positive") and old and v and isinstance(old, str):
+            if k in ("output", "model", "negative", "positive") and old and v and isinstance(old, str):
                 if os.path.realpath(old) == os.path.realpath(v):
                     continue
             if old != v:

@@ -183,6 +183,10 @@ def _train(
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
     model = DiffusionModel(pipe)
+    if cfg.resolution and cfg.resolution % model.vae_scale:
+        raise SelfNPOError(
+            f"--resolution {cfg.resolution} is not a multiple of this model's VAE factor {model.vae_scale}"
+        )
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     offset = TrainableOffset(model, cfg)
     opt = torch.optim.AdamW(offset.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
