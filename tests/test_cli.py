@@ -753,3 +753,24 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     assert "METHOD.md" not in capsys.readouterr().out
+
+
+def test_demo_console_line_compares_with_the_base_of_the_same_g():
+    from selfnpo.demo import DemoConfig, _sweep
+
+    class Bench:
+        def run(self, key, *a):
+            pass
+
+        def summary(self, key, base_key):
+            value = 0.5 if key[0] == "base" else (0.9 if key[2] == 0.5 else 0.7)
+            return {"alignment": (value + key[1], 0, 0)}
+
+    lines = []
+    _sweep(DemoConfig(guidance_scales="1,2", betas="0.5,1"), Bench(), None, lines.append)
+    assert lines == [
+        "g=1.0 beta=0.5: alignment 1.900 vs 1.500",
+        "g=1.0 beta=1.0: alignment 1.700 vs 1.500",
+        "g=2.0 beta=0.5: alignment 2.900 vs 2.500",
+        "g=2.0 beta=1.0: alignment 2.700 vs 2.500",
+    ]
