@@ -211,9 +211,10 @@ def test_merged_folders_reproduce_both_npo_branches(eta, delta, tiny_sd, sd_offs
         monkeypatch.setattr(torch.func, "functional_call", None)
     with NPOGuidance(pipe, negative=delta_p, positive=eta_p, alpha=alpha, beta=beta):
         got = _out(pipe.unet, args, kw)
-    if "full" not in (eta, delta):  # the network grew by the LoRA factors, nothing more
         added = sum(p.numel() for p in pipe.unet.parameters()) - n_params
+    if "full" not in (eta, delta):  # while attached the network grew by the LoRA factors, nothing more
         assert added == _numel(eta_p) + _numel(delta_p)
+    assert sum(p.numel() for p in pipe.unet.parameters()) == n_params  # and then is as it was
     base = _out(_pipe(tiny_sd).unet, args, kw)
     want_neg = _out(neg, (args[0][:2], args[1]), _half(kw, slice(0, 2)))
     want_pos = _out(pos, (args[0][2:], args[1]), _half(kw, slice(2, 4)))
