@@ -89,7 +89,6 @@ class NPOGuidance:
     def _load_loras(self) -> None:
         """Load the LoRA offsets as adapters of the user's UNet (inactive until attached); remembers
         what the UNet looked like so that :meth:`_unload_loras` can restore it exactly."""
-
         if self._loaded:
             return
         present = set(getattr(self.unet, "peft_config", None) or {})
