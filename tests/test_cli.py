@@ -682,8 +682,12 @@ def test_resume_compares_resolved_paths_and_names_the_setting(
     assert _run(capsys, *args)[0] == 0
     rc, err = _run(capsys, *args, "--lr", "0.001")
     assert rc == 2 and "lr was 0.0001" in err, err
-    (run / "config.json").write_text("{damaged")
-    rc, err = _run(capsys, *args)
+    (tmp_path / "run").rename(tmp_path / "moved")  # a moved run folder resumes too
+    moved = _train_args(tiny_sd, "./prompts.txt", "moved", "--resume")
+    moved[moved.index("--steps") + 1] = "3"
+    assert _run(capsys, *moved)[0] == 0
+    (tmp_path / "moved" / "config.json").write_text("{damaged")
+    rc, err = _run(capsys, *moved)
     assert rc == 2 and "config.json: damaged, cannot resume" in err and len(err.splitlines()) == 1
 
 
