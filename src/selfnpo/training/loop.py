@@ -120,22 +120,33 @@ def _trim_log(run: Path, step: int) -> None:
     atomic_write_text(p, "".join(x + "\n" for x in keep))
 
 
-def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None, pipe=None) -> RunResult:
-    """Run (or resume) one training job described by ``cfg``; returns where the offset was written."""
+def train(
+    cfg: TrainConfig,
+    progress: bool = True,
+    source: Source | None = None,
+    pipe=None,
+    model: DiffusionModel | None = None,
+) -> RunResult:
+    """Run (or resume) one training job described by ``cfg``; returns where the offset was written.
+
+    ``pipe``: an already loaded pipeline instead of ``cfg.model``; ``model``: a ready denoiser
+    adapter (e.g. :class:`selfnpo.toy2d.model.Toy2DModel`), whose network is trained in place.
+    """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     cfg.validate()
     needs_prompts = source is None and cfg.source != "images" and not cfg.pairs
     prompts = read_prompts(cfg.prompts) if needs_prompts else []
-    if pipe is None:
+    if pipe is None and model is None:
         resolve_model_class(cfg.model)
     run, resuming = prepare_run_dir(cfg)
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
-    if pipe is None:
-        pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
-    model = DiffusionModel(pipe)
+    if model is None:
+        if pipe is None:
+            pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
+        model = DiffusionModel(pipe)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     offset = TrainableOffset(model, cfg)
     opt = torch.optim.AdamW(offset.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
