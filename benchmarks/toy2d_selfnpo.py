@@ -80,8 +80,11 @@ def pretrain(mix, out: Path, under: int, well: int, seed: int) -> dict:
     return bases, time.perf_counter() - t0
 
 
-def train_offset(base, out: Path, prompts_file: Path, steps: int, seed: int, **over) -> tuple[Path, float]:
-    """A negative LoRA offset trained on a copy of ``base``; returns its folder and wall time."""
+def train_offset(
+    base, out: Path, prompts_file: Path, steps: int, seed: int, data=None, **over
+) -> tuple[Path, float]:
+    """A negative LoRA offset trained on a copy of ``base`` (``data``: a ready data source instead
+    of the configured one); returns its folder and wall time."""
     cfg = TrainConfig(
         model="toy2d",
         prompts=str(prompts_file),
@@ -97,7 +100,7 @@ def train_offset(base, out: Path, prompts_file: Path, steps: int, seed: int, **o
         seed=seed,
         **over,
     )
-    res = train(cfg, progress=False, model=Toy2DModel(base.copy()))
+    res = train(cfg, progress=False, source=data, model=Toy2DModel(base.copy()))
     return res.run_dir / "offset", res.wall_time_s
 
 
