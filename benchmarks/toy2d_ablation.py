@@ -12,6 +12,7 @@ offset does anything that another g does not; and the *guidance error*, the dist
 guidance vector from the exact one of the true mixture, with and without the offset.
 
     python benchmarks/toy2d_ablation.py --output runs/toy2d-ablation
+    python benchmarks/toy2d_ablation.py --output runs/toy2d-sweep --base-sweep
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def run(args) -> dict:
     noise = torch.randn(args.n, 2, generator=torch.Generator().manual_seed(args.seed + 1))
     cls = torch.arange(args.n) % mix.num_classes
     prompts = [class_prompt(int(c)) for c in cls]
-    bases, _ = pretrain(mix, out, args.under_steps, args.well_steps, args.seed)
+    bases, _ = pretrain(
+        mix, out, {"under-trained": args.under_steps, "well-trained": args.well_steps}, args.seed
+    )
     rows = []
     for bname, base in bases.items():
         refs = {gs: score(mix, sample(base, prompts, noise, gs), cls, thresholds) for gs in GUIDANCE}
@@ -120,10 +123,70 @@ def run(args) -> dict:
     return {"config": vars(args), "rows": rows}
 
 
+SWEEP_STEPS = (150, 300, 600, 1000, 2000, 3000)
+
+
+def run_sweep(args) -> dict:
+    """Default TDFT offset (lr 1e-3, beta 1) on bases checkpointed along one pre-training run."""
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    mix = ring_mixture()
+    thresholds = [hdr_log_threshold(mix, c) for c in range(mix.num_classes)]
+    prompts_file = out / "prompts.txt"
+    prompts_file.write_text("".join(class_prompt(c) + "\n" for c in range(mix.num_classes)))
+    noise = torch.randn(args.n, 2, generator=torch.Generator().manual_seed(args.seed + 1))
+    cls = torch.arange(args.n) % mix.num_classes
+    prompts = [class_prompt(int(c)) for c in cls]
+    bases, _ = pretrain(mix, out, {f"{k}": k for k in SWEEP_STEPS}, args.seed)
+    rows = []
+    for name, base in bases.items():
+        offset, _ = train_offset(
+            base,
+            out / "offsets" / name,
+            prompts_file,
+            args.offset_steps,
+            args.seed,
+            objective="tdft",
+            lr=1e-3,
+        )
+        row = {"pretrain_steps": int(name), **guidance_stats(base, offset, 1.0, mix)}
+        for gs in (1.0, 3.0, 7.5):
+            ref, summ = score(mix, sample(base, prompts, noise, gs), cls, thresholds)
+            row[f"base_g{gs:g}"] = summ
+            if gs > 1.0:
+                per, _ = score(mix, sample(base, prompts, noise, gs, offset, 1.0), cls, thresholds)
+                for m in ("loglik", "in_hdr"):
+                    row[f"d_{m}_g{gs:g}"] = paired_diff_ci(per[m], ref[m], n_boot=1000, seed=0)
+        rows.append(row)
+    return {"config": vars(args), "rows": rows}
+
+
+def markdown_sweep(res: dict) -> str:
+    lines = [
+        f"n = {res['config']['n']}, TDFT lr 1e-3, {res['config']['offset_steps']} steps, beta = 1; Δ paired with the same base at the same g.",
+        "",
+        "| pre-training steps | guidance error plain / NPO | base log p at g = 1 / 3 / 7.5 | Δ log p, g = 3 | "
+        "Δ log p, g = 7.5 | Δ HDR, g = 3 | Δ HDR, g = 7.5 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+
+        def ci(key, r=r):
+            mean, lo, hi = r[key]
+            return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+        lp = " / ".join(f"{r[f'base_g{g}']['loglik']:.2f}" for g in ("1", "3", "7.5"))
+        lines.append(
+            f"| {r['pretrain_steps']} | {r['err_plain']:.2f} / {r['err_npo']:.2f} | {lp} | "
+            f"{ci('d_loglik_g3')} | {ci('d_loglik_g7.5')} | {ci('d_in_hdr_g3')} | {ci('d_in_hdr_g7.5')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(res: dict) -> str:
     n = res["config"]["n"]
     lines = [
-        f"n = {n}, beta = 1, TDFT lr 1e-3, 500 steps. Δ: paired with the base at the same g, 95% bootstrap "
+        f"n = {n}, beta = 1, TDFT lr 1e-3, {res['config']['offset_steps']} steps. Δ: paired with the base at the same g, 95% bootstrap "
         "interval. r: guidance ratio; guidance error: E||d - d*|| / E||d*|| for the plain guidance vector "
         "and the one with the offset (d* exact); 'base at g_eff': the base without offset at g_eff = 1 + (g-1) r.",
         "",
@@ -156,6 +219,11 @@ def main() -> None:
     ap.add_argument("--well-steps", type=int, default=3000)
     ap.add_argument("--offset-steps", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--base-sweep",
+        action="store_true",
+        help="instead: the default offset on bases checkpointed at 150..3000 pre-training steps",
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -164,12 +232,13 @@ def main() -> None:
     diffusers.utils.logging.set_verbosity_error()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    res = run(args)
+    res = run_sweep(args) if args.base_sweep else run(args)
     res["wall_s"] = time.perf_counter() - t0
     out = Path(args.output)
-    atomic_write_text(out / "ablation.json", json.dumps(res, indent=1))
-    table = markdown(res)
-    atomic_write_text(out / "ablation.md", table)
+    stem = "base_sweep" if args.base_sweep else "ablation"
+    atomic_write_text(out / f"{stem}.json", json.dumps(res, indent=1))
+    table = markdown_sweep(res) if args.base_sweep else markdown(res)
+    atomic_write_text(out / f"{stem}.md", table)
     print(table)
     print(f"wall time {res['wall_s']:.0f} s")
 

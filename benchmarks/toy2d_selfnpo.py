@@ -45,8 +45,9 @@ OFFSETS = {
 }
 
 
-def pretrain(mix, out: Path, under: int, well: int, seed: int) -> dict:
-    """The under-trained base (step ``under``) and the well-trained one (same run, step ``well``)."""
+def pretrain(mix, out: Path, stages: dict[str, int], seed: int) -> tuple[dict, float]:
+    """One pre-training run; ``stages`` maps a name to a step count (ascending), and the run is
+    resumed to each in turn, so every base is an earlier checkpoint of the next one."""
     pipe = build_toy_pipeline(seed=seed)
     kw = dict(
         model="toy2d",
@@ -66,17 +67,12 @@ def pretrain(mix, out: Path, under: int, well: int, seed: int) -> dict:
         seed=seed,
     )
     t0 = time.perf_counter()
-    train(TrainConfig(steps=under, **kw), progress=False, source=MixtureSource(mix), model=Toy2DModel(pipe))
-    bases = {"under-trained": pipe.copy()}
-    train(
-        TrainConfig(steps=well, resume=True, **kw),
-        progress=False,
-        source=MixtureSource(mix),
-        model=Toy2DModel(pipe),
-    )
-    bases["well-trained"] = pipe
-    for p in bases.values():
-        p.unet.eval().requires_grad_(False)
+    bases = {}
+    for i, (name, steps) in enumerate(stages.items()):
+        cfg = TrainConfig(steps=steps, resume=i > 0, **kw)
+        train(cfg, progress=False, source=MixtureSource(mix), model=Toy2DModel(pipe))
+        bases[name] = pipe.copy()
+        bases[name].unet.eval().requires_grad_(False)
     return bases, time.perf_counter() - t0
 
 
@@ -131,7 +127,9 @@ def run(args) -> dict:
     noise = torch.randn(args.n, 2, generator=g)
     cls = torch.arange(args.n) % mix.num_classes
     prompts = [class_prompt(int(c)) for c in cls]
-    bases, pre_s = pretrain(mix, out, args.under_steps, args.well_steps, args.seed)
+    bases, pre_s = pretrain(
+        mix, out, {"under-trained": args.under_steps, "well-trained": args.well_steps}, args.seed
+    )
     result = {"config": vars(args), "pretrain_s": pre_s, "rows": [], "offsets": {}}
     for bname, base in bases.items():
         offsets = {}
