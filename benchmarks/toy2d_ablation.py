@@ -1,10 +1,10 @@
 """Why a Self-NPO offset helps one 2-D base and hurts another: where x_t' comes from, the teacher,
 and whether the offset is more than a weaker guidance scale.
 
-Same world, bases and metrics as ``toy2d_selfnpo.py``. On each base, TDFT offsets (lr 1e-3, 500
-steps, LoRA rank 4) differ in one setting from the default (self pool generated at g = 7.5, EMA
-teacher): the pool generated at g = 1; pure noise at t' = T (eq. 13); true samples (the authors'
-``images`` mode); a frozen teacher. Each is scored at beta = 1 and g in {3, 7.5}, paired with the
+Same world, bases and metrics as ``toy2d_selfnpo.py``. On each base, TDFT offsets (LoRA rank 4, lr 1e-3,
+500 steps) differ in one setting from the default (self pool generated at g = 7.5, EMA teacher):
+the pool generated at g = 1; pure noise at t' = T (eq. 13); true samples (the authors' ``images``
+mode); a frozen teacher; full weights at lr 1e-5 or at the authors' 1e-6 instead of LoRA. Each is scored at beta = 1 and g in {3, 7.5}, paired with the
 base at the same g. Then the *guidance ratio* ``r = E||eps_c - eps_neg|| / E||eps_c - eps_u||``
 (over forward-noised true samples at t in {100, 300, ..., 900}) says how much the offset shrinks the
 guidance vector; the base sampled at the matched scale ``g_eff = 1 + (g - 1) r`` tells whether the
@@ -41,6 +41,8 @@ VARIANTS = {
     "noise at t'=T": dict(source="noise"),
     "true samples": dict(source="images", image_dir="-"),
     "frozen teacher": dict(teacher="frozen"),
+    "full weights, lr 1e-5": dict(train="full", lr=1e-5),
+    "full weights, lr 1e-6 (authors')": dict(train="full", lr=1e-6),
 }
 
 
@@ -91,21 +93,21 @@ def run(args) -> dict:
         mix, out, {"under-trained": args.under_steps, "well-trained": args.well_steps}, args.seed
     )
     rows = []
+    # offsets train on untouched copies: evaluation loads each offset into the base as an adapter
+    pristine = {name: base.copy() for name, base in bases.items()}
     for bname, base in bases.items():
         refs = {gs: score(mix, sample(base, prompts, noise, gs), cls, thresholds) for gs in GUIDANCE}
         for vname, over in VARIANTS.items():
             src = MixtureSource(mix) if over.get("source") == "images" else None
             folder = out / "offsets" / f"{bname}-{len(rows)}"
             offset, wall = train_offset(
-                base,
+                pristine[bname],
                 folder,
                 prompts_file,
                 args.offset_steps,
                 args.seed,
                 data=src,
-                objective="tdft",
-                lr=1e-3,
-                **over,
+                **({"objective": "tdft", "lr": 1e-3} | over),
             )
             stats = guidance_stats(base, offset, 1.0, mix)
             r = stats["ratio"]

@@ -79,22 +79,18 @@ def pretrain(mix, out: Path, stages: dict[str, int], seed: int) -> tuple[dict, f
 def train_offset(
     base, out: Path, prompts_file: Path, steps: int, seed: int, data=None, **over
 ) -> tuple[Path, float]:
-    """A negative LoRA offset trained on a copy of ``base`` (``data``: a ready data source instead
-    of the configured one); returns its folder and wall time."""
+    """A negative offset (LoRA unless ``over`` says otherwise) trained on a copy of ``base``
+    (``data``: a ready data source instead of the configured one); returns its folder and wall time."""
+    defaults = dict(train="lora", lora_rank=4, lora_targets=LORA_TARGETS, batch_size=64, pool_size=512)
     cfg = TrainConfig(
         model="toy2d",
         prompts=str(prompts_file),
         output_dir=str(out),
-        train="lora",
-        lora_rank=4,
-        lora_targets=LORA_TARGETS,
         steps=steps,
-        batch_size=64,
-        pool_size=512,
         checkpoint_every=0,
         log_every=50,
         seed=seed,
-        **over,
+        **(defaults | over),
     )
     res = train(cfg, progress=False, source=data, model=Toy2DModel(base.copy()))
     return res.run_dir / "offset", res.wall_time_s
