@@ -27,10 +27,10 @@ import torch
 
 from selfnpo.evaluation.stats import paired_diff_ci
 from selfnpo.io import atomic_write_text
-from selfnpo.npo import NPOGuidance
 from selfnpo.toy2d.metrics import class_knn_precision_recall, hdr_log_threshold, per_sample
 from selfnpo.toy2d.mixture import ring_mixture
 from selfnpo.toy2d.model import LORA_TARGETS, MixtureSource, Toy2DModel, build_toy_pipeline, class_prompt
+from selfnpo.toy2d.model import guided_sample as sample
 from selfnpo.training.config import TrainConfig
 from selfnpo.training.loop import train
 
@@ -94,14 +94,6 @@ def train_offset(
     )
     res = train(cfg, progress=False, source=data, model=Toy2DModel(base.copy()))
     return res.run_dir / "offset", res.wall_time_s
-
-
-def sample(pipe, prompts, noise, g: float, offset: Path | None = None, beta: float = 0.0, steps: int = 25):
-    """Points from ``noise``; with ``offset`` the negative branch runs with ``theta + beta * delta``."""
-    if offset is None:
-        return pipe(prompts, noise, guidance_scale=g, num_inference_steps=steps)
-    with NPOGuidance(pipe, negative=offset, beta=beta):
-        return pipe(prompts, noise, guidance_scale=g, num_inference_steps=steps)
 
 
 def score(mix, x, cls, thresholds) -> tuple[dict, dict]:

@@ -27,6 +27,7 @@ from selfnpo.toy2d.model import (
     build_toy_pipeline,
     class_prompt,
     exact_predict,
+    guided_sample,
 )
 from selfnpo.training.config import TrainConfig
 from selfnpo.training.loop import train
@@ -170,6 +171,9 @@ def test_npo_guidance_on_the_toy_pipeline(tmp_path):
         assert not torch.equal(base(prompts, noise, guidance_scale=3.0, num_inference_steps=5), plain)
         assert torch.equal(base(prompts, noise, guidance_scale=1.0, num_inference_steps=5), plain1)
     assert torch.equal(base(prompts, noise, guidance_scale=3.0, num_inference_steps=5), plain)  # detached
+    one = guided_sample(base, prompts, noise, 3.0, res.run_dir / "offset", beta=1.0, steps=5)
+    with NPOGuidance(base, negative=res.run_dir / "offset", beta=1.0):
+        assert torch.equal(one, base(prompts, noise, guidance_scale=3.0, num_inference_steps=5))
 
 
 def test_pipeline_sampler_equals_the_project_ddim_with_the_cfg_combinator():

@@ -32,6 +32,7 @@ class Mixture2D:
 
     @property
     def num_classes(self) -> int:
+        """K, the number of classes."""
         return int(self.prior.shape[0])
 
     def _joint_weights(self, c: Tensor | None) -> Tensor:

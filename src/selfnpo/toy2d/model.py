@@ -34,6 +34,8 @@ LORA_TARGETS = "fc1,fc2"
 
 @dataclass
 class MLPDenoiserOutput(BaseOutput):
+    """The network output, ``sample [B, 2]`` (eps), as diffusers models return it."""
+
     sample: Tensor
 
 
@@ -116,10 +118,12 @@ class Toy2DPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @property
     def num_classes(self) -> int:
+        """Number of real classes (the null class is this number)."""
         return int(self.unet.config.num_classes)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
+        """Whether the current call runs both branches (diffusers' convention, read by NPOGuidance)."""
         return self._guidance_scale > 1.0
 
     def class_ids(self, prompts: list[str]) -> Tensor:
@@ -168,6 +172,25 @@ def build_toy_pipeline(
     return Toy2DPipeline(MLPDenoiser(num_classes=num_classes, hidden=hidden, depth=depth), make_scheduler())
 
 
+def guided_sample(
+    pipe: Toy2DPipeline,
+    prompts: list[str],
+    noise: Tensor,
+    g: float,
+    negative=None,
+    beta: float = 1.0,
+    steps: int = 25,
+) -> Tensor:
+    """Points from ``noise`` with CFG scale ``g``; with a ``negative`` offset (file or folder) the
+    unconditional branch runs with ``theta + beta * delta`` (Diffusion-NPO eq. 10, via NPOGuidance)."""
+    if negative is None:
+        return pipe(prompts, noise, guidance_scale=g, num_inference_steps=steps)
+    from ..npo import NPOGuidance
+
+    with NPOGuidance(pipe, negative=negative, beta=beta):
+        return pipe(prompts, noise, guidance_scale=g, num_inference_steps=steps)
+
+
 class Toy2DModel(DiffusionModel):
     """The 2-D pipeline behind the denoiser contract: latents are the points ``[B, 2]`` themselves."""
 
@@ -176,25 +199,31 @@ class Toy2DModel(DiffusionModel):
 
     @property
     def latent_channels(self) -> int:
+        """Point dimension (2)."""
         return int(self.unet.config.in_channels)
 
     @property
     def vae_scale(self) -> int:
+        """No autoencoder: 1."""
         return 1
 
     def default_resolution(self) -> int:
+        """No image resolution: 1."""
         return 1
 
     def latent_shape(self, batch: int, resolution: int | None = None) -> tuple[int, ...]:
+        """``(batch, 2)``: the points are the latents."""
         return (batch, self.latent_channels)
 
     def _encode_one(self, prompt: str) -> Cond:
         return Cond(self.pipe.class_ids([prompt]))
 
     def encode_images(self, images: Tensor) -> Tensor:
+        """Identity: data are points already."""
         return images.float()
 
     def decode_latents_grad(self, latents: Tensor) -> Tensor:
+        """Identity: data are points already."""
         return latents
 
 
