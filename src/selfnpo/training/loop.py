@@ -145,20 +145,30 @@ def _trim_log(run: Path, step: int) -> None:
     atomic_write_text(p, "".join(x + "\n" for x in keep))
 
 
-def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None, pipe=None) -> RunResult:
-    """Run (or resume) one training job described by ``cfg``; returns where the offset was written."""
+def train(
+    cfg: TrainConfig,
+    progress: bool = True,
+    source: Source | None = None,
+    pipe=None,
+    model: DiffusionModel | None = None,
+) -> RunResult:
+    """Run (or resume) one training job described by ``cfg``; returns where the offset was written.
+
+    ``pipe``: an already loaded pipeline instead of ``cfg.model``; ``model``: a ready denoiser
+    adapter (e.g. :class:`selfnpo.toy2d.model.Toy2DModel`), whose network is trained in place.
+    """
 
     cfg.validate()
     needs_prompts = source is None and cfg.source != "images" and not cfg.pairs
     prompts = read_prompts(cfg.prompts) if needs_prompts else []
-    if pipe is None:
+    if pipe is None and model is None:
         resolve_model_class(cfg.model)
     cpu = _check_device(cfg)
     run, resuming = prepare_run_dir(cfg)
     lock = lock_dir(run)
     try:
         with removed_on_failure(run, not resuming, keep=lambda r: (r / "checkpoints").is_dir()):
-            return _train(cfg, progress, source, pipe, prompts, run, resuming, cpu)
+            return _train(cfg, progress, source, pipe, prompts, run, resuming, cpu, model)
     finally:
         lock.close()
 
@@ -175,15 +185,16 @@ def _check_device(cfg: TrainConfig) -> bool:
 
 
 def _train(
-    cfg: TrainConfig, progress, source, pipe, prompts, run: Path, resuming: bool, cpu: bool
+    cfg: TrainConfig, progress, source, pipe, prompts, run: Path, resuming: bool, cpu: bool, model=None
 ) -> RunResult:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     acc = Accelerator(mixed_precision="no" if cpu else cfg.mixed_precision, cpu=cpu)
-    if pipe is None:
-        pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
-    model = model_for(pipe)
+    if model is None:
+        if pipe is None:
+            pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
+        model = model_for(pipe)
     if cfg.resolution and cfg.resolution % model.vae_scale:
         raise SelfNPOError(
             f"--resolution {cfg.resolution} is not a multiple of this model's VAE factor {model.vae_scale}"
