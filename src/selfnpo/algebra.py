@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SelfNPOError
-from .io import atomic_dir
+from .io import atomic_dir, check_writable_parent, write_marker
 from .offsets import canonical_params, load_full_delta, offset_kind, resolve_offset_file
 from .training.config import opt
 
@@ -32,12 +33,15 @@ Delta = Mapping[str, Tensor]  # plain-model parameter name -> dense offset of th
 _TMP_ADAPTER = "selfnpo_algebra"
 
 
-def _lora_loader(unet: nn.Module) -> type:
-    """The diffusers pipeline class whose LoRA loader matches ``unet`` (SDXL or SD1.5-type)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _lora_loader(unet: nn.Module) -> tuple[type, str]:
+    """The diffusers pipeline class whose LoRA loader matches the network, and the network's
+    name in LoRA files (``unet`` for SD1.5/SDXL-type UNets, ``transformer`` for SD3)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if type(unet).__name__ == "SD3Transformer2DModel":
+        return StableDiffusion3Pipeline, "transformer"
     sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
-    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    return (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline), "unet"
 
 
 def _drop_adapter(unet: nn.Module, had_peft: bool) -> None:
@@ -75,20 +79,29 @@ def lora_delta(lora_file: str | Path, unet: nn.Module) -> dict[str, Tensor]:
     from peft.tuners.lora import LoraLayer
 
     path = resolve_offset_file(lora_file)
-    loader = _lora_loader(unet)
+    loader, net_name = _lora_loader(unet)
     try:
-        state, alphas, meta = loader.lora_state_dict(str(path), return_lora_metadata=True)
+        loaded = loader.lora_state_dict(str(path), return_lora_metadata=True)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise SelfNPOError(f"{path}: not a readable diffusers LoRA ({_first_line(e)})") from None
-    if any(not k.startswith("unet.") for k in state):
-        raise SelfNPOError(f"{path}: LoRA holds layers outside the UNet (e.g. a text encoder); not supported")
+    state, alphas, meta = loaded if len(loaded) == 3 else (loaded[0], None, loaded[1])
+    if any(not k.startswith(net_name + ".") for k in state):
+        raise SelfNPOError(
+            f"{path}: LoRA holds layers outside the {net_name} (a text encoder, or another model family); "
+            "not supported"
+        )
     wanted = {k.split(".lora")[0] for k in state}  # one entry per LoRA-carrying module
     had_peft = bool(getattr(unet, "peft_config", None))
     try:
         with _quiet("diffusers.loaders.peft"):  # it logs the whole error too; ours is one line
-            loader.load_lora_into_unet(
-                state, network_alphas=alphas, unet=unet, adapter_name=_TMP_ADAPTER, metadata=meta
-            )
+            if net_name == "unet":
+                loader.load_lora_into_unet(
+                    state, network_alphas=alphas, unet=unet, adapter_name=_TMP_ADAPTER, metadata=meta
+                )
+            else:
+                loader.load_lora_into_transformer(
+                    state, transformer=unet, adapter_name=_TMP_ADAPTER, metadata=meta
+                )
         layers = {
             n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and _TMP_ADAPTER in m.scaling
         }
@@ -98,7 +111,10 @@ def lora_delta(lora_file: str | Path, unet: nn.Module) -> dict[str, Tensor]:
             )
         if any(m.use_dora.get(_TMP_ADAPTER, False) for m in layers.values()):
             raise SelfNPOError(f"{path}: DoRA offsets are not a weight sum; not supported")
-        return {f"{n}.weight": m.get_delta_weight(_TMP_ADAPTER).float().cpu() for n, m in layers.items()}
+        delta = {f"{n}.weight": m.get_delta_weight(_TMP_ADAPTER).float().cpu() for n, m in layers.items()}
+        if not all(torch.isfinite(d).all() for d in delta.values()):
+            raise SelfNPOError(f"{path}: LoRA holds NaN or infinite weights; refusing to use it")
+        return delta
     except (ValueError, KeyError, RuntimeError) as e:
         why = "shapes differ, another model?" if "size mismatch" in str(e) else _first_line(e)
         raise SelfNPOError(f"{path}: LoRA does not fit this model ({why})") from None
@@ -164,17 +180,20 @@ def merge_offsets(
     ``out_dir``; the folder appears whole or not at all.
     """
     from .models.loading import load_pipeline, pick_dtype
+    from .models.sd import denoiser_network
 
     out = Path(out_dir)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise SelfNPOError(f"{out}: exists; merging never overwrites, choose a new --output-dir")
+    check_writable_parent(out)
     if not offsets:
         raise SelfNPOError("no offsets to merge; pass --offsets PATH[:SCALE],...")
     torch_dtype = pick_dtype(dtype, torch.device("cpu"))
     kinds = [offset_kind(p) for p, _ in offsets]  # missing or unreadable files fail before loading
     pipe = load_pipeline(str(model_dir), device="cpu", dtype="fp32")
-    terms = [(offset_delta(p, pipe.unet), float(s)) for p, s in offsets]
-    apply_deltas(pipe.unet, terms)
+    net = denoiser_network(pipe)
+    terms = [(offset_delta(p, net), float(s)) for p, s in offsets]
+    apply_deltas(net, terms)
     pipe.to(dtype=torch_dtype)
     record = {
         "formula": "theta + sum_i scale_i * offset_i",
@@ -186,6 +205,7 @@ def merge_offsets(
         "dtype": dtype,
     }
     with atomic_dir(out) as tmp:
+        write_marker(tmp, "merge")
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "selfnpo_merge.json").write_text(json.dumps(record, indent=2))
     return out
@@ -199,9 +219,12 @@ def parse_offsets(spec: str) -> list[tuple[str, float]]:
             continue
         path, _, scale = item.rpartition(":")
         try:
-            out.append((path, float(scale)) if path else (item, 1.0))
+            pair = (path, float(scale)) if path else (item, 1.0)
         except ValueError:
-            out.append((item, 1.0))  # a ':' that is part of the path
+            pair = (item, 1.0)  # a ':' that is part of the path
+        if not math.isfinite(pair[1]) or abs(pair[1]) > 100:
+            raise SelfNPOError(f"--offsets {item!r}: the scale must be a finite number in [-100, 100]")
+        out.append(pair)
     if not out:
         raise SelfNPOError("--offsets is required: PATH[:SCALE],... (e.g. runs/npo/offset:-1)")
     return out
@@ -211,7 +234,7 @@ def parse_offsets(spec: str) -> list[tuple[str, float]]:
 class MergeConfig:
     """Merge weight offsets into a standalone diffusers model: theta + sum_i scale_i * offset_i."""
 
-    model: str = opt("", "diffusers model folder (SD1.5-type or SDXL-type pipeline)")
+    model: str = opt("", "diffusers model folder (SD1.5-type, SDXL-type or SD3 pipeline)")
     offsets: str = opt(
         "",
         "comma-separated PATH[:SCALE] (LoRA or full-delta safetensors, file or run offset folder); "

@@ -23,10 +23,12 @@ import torch
 from torch import Tensor
 
 from .errors import SelfNPOError
+from .models.sd import denoiser_network
 from .offsets import (
     BASE,
     activate_adapters,
     adapter_scales,
+    check_lora_family,
     deactivate_adapters,
     full_delta_call,
     load_full_delta,
@@ -77,42 +79,115 @@ class NPOGuidance:
         rule=None,
         mode: str = "auto",
     ) -> None:
+        import math
+
         if mode not in ("auto", "single", "split"):
             raise ValueError(f"mode must be auto, single or split, not {mode!r}")
-        self.pipe, self.unet = pipe, pipe.unet
+        self.pipe, self.unet = pipe, denoiser_network(pipe)
         self.alpha, self.beta = float(alpha), float(beta)
+        if not (math.isfinite(self.alpha) and math.isfinite(self.beta)):
+            raise SelfNPOError(f"alpha and beta must be finite numbers (got {alpha}, {beta})")
         self.rule, self.mode = rule, mode
         self.last_call: str | None = None  # "single", "split" or "plain" (identical branches)
         self._full: dict[str, dict[str, Tensor]] = {}
         self._lora: list[str] = []
-        for name, src in ((ETA, positive), (DELTA, negative)):
-            if src is not None:
-                self._load(name, src)
+        self._lora_files: dict[str, str] = {}
+        self._loaded = False
         self._orig = None
         self._inside = False
+        for name, src in ((ETA, positive), (DELTA, negative)):
+            if src is not None:
+                self._prepare(name, src)
+        if self._lora_files:
+            self._load_loras()  # fails here, not inside the user's with block, if a LoRA does not fit
+            self._unload_loras()  # the pipeline is unchanged until attached
 
-    def _load(self, name: str, src) -> None:
+    def _prepare(self, name: str, src) -> None:
         path = resolve_offset_file(src)
         if offset_kind(path) == "full":
             delta = load_full_delta(path, self.unet)
             dev, dt = self.unet.device, self.unet.dtype
             self._full[name] = {k: v.to(dev, dt) for k, v in delta.items()}
             return
-        loaded = self.pipe.__dict__.setdefault("_selfnpo_loaded", {})
-        if loaded.get(name) == str(path.resolve()):  # already in this pipeline: reuse it
-            self._lora.append(name)
-            return
-        if name in loaded:
-            self.pipe.delete_adapters(name)
-            del loaded[name]
-        try:
-            self.pipe.load_lora_weights(str(path), adapter_name=name)
-        except (ValueError, KeyError, RuntimeError) as e:
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise SelfNPOError(f"{path}: LoRA does not fit this model ({msg})") from None
-        loaded[name] = str(path.resolve())
+        check_lora_family(path, self.pipe)
+        self._lora_files[name] = str(path)
         self._lora.append(name)
-        deactivate_adapters(self.unet, [name])  # active only while attached
+
+    def _load_loras(self) -> None:
+        """Load the LoRA offsets as adapters of the user's UNet (inactive until attached); remembers
+        what the UNet looked like so that :meth:`_unload_loras` can restore it exactly."""
+        if self._loaded:
+            return
+        present = set(getattr(self.unet, "peft_config", None) or {})
+        clash = present & set(self._lora_files)
+        if clash:
+            raise SelfNPOError(
+                f"the pipeline already holds adapter {sorted(clash)[0]!r} (another NPOGuidance attached?)"
+            )
+        self._had_peft = bool(present)
+        self._user_active = self._active_adapters()  # loading a LoRA may switch the user's off
+        self._wrapped = set(self._user_active)
+        self._loaded = True
+        for name, path in self._lora_files.items():
+            try:
+                self.pipe.load_lora_weights(path, adapter_name=name)
+            except (ValueError, KeyError, RuntimeError) as e:
+                self._unload_loras()
+                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise SelfNPOError(f"{path}: LoRA does not fit this model ({msg})") from None
+        self._check_finite()
+        deactivate_adapters(self.unet, self._lora)  # active only while attached
+        self._restore_active(self._user_active, [])
+
+    def _check_finite(self) -> None:
+        """Refuse a LoRA offset whose weights hold NaN or inf (it would give black images)."""
+        for n, p in self.unet.named_parameters():
+            name = next((a for a in self._lora if f".{a}." in n), None)
+            if name is not None and not torch.isfinite(p).all():
+                self._unload_loras()
+                raise SelfNPOError(
+                    f"{self._lora_files[name]}: the offset holds NaN or infinite weights; refusing to use it"
+                )
+
+    def _unload_loras(self) -> None:
+        """Delete the adapters this object loaded and give back the layers peft wrapped for them:
+        the UNet's modules, state_dict keys, and the user's own adapters (with their scales and
+        active set) are as before."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if not self._loaded:
+            return
+        self._loaded = False
+        mine = [n for n in self._lora if n in (getattr(self.unet, "peft_config", None) or {})]
+        if not self._had_peft:
+            if getattr(self.unet, "peft_config", None):
+                self.unet.unload_lora()
+            return
+        if mine:
+            deactivate_adapters(self.unet, mine)
+            self.unet.delete_adapters(mine)
+        self._restore_active(self._user_active, mine)
+        for n, m in list(self.unet.named_modules()):
+            if isinstance(m, BaseTunerLayer) and n not in self._wrapped and n:
+                parent, _, child = n.rpartition(".")
+                setattr(self.unet.get_submodule(parent) if parent else self.unet, child, m.get_base_layer())
+
+    def _active_adapters(self) -> dict[str, list[str]]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return {
+            n: list(m.active_adapters) for n, m in self.unet.named_modules() if isinstance(m, BaseTunerLayer)
+        }
+
+    def _restore_active(self, active: dict[str, list[str]], removed: list[str]) -> None:
+        """peft's delete_adapter may switch layers to another adapter; keep the user's active set."""
+        from .offsets import _set_active
+
+        for n, m in self.unet.named_modules():
+            if n in active:
+                want = [a for a in active[n] if a not in removed]
+                if list(m.active_adapters) != want:
+                    _set_active(m, want)
 
     # ---- the two branches ----------------------------------------------------------------------
     def branch_weights(self, negative: bool) -> dict[str, float]:
@@ -131,35 +206,39 @@ class NPOGuidance:
             finally:
                 self._inside = False
 
-    def _forward(self, sample: Tensor, timestep, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
+        # UNets are called as (sample, timestep, ...), SD3's transformer with keywords only
         if self._inside:
-            return self._orig(sample, timestep, *args, **kwargs)
+            return self._orig(*args, **kwargs)
         pos_w, neg_w = self.branch_weights(False), self.branch_weights(True)
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         n = sample.shape[0]
         cfg_on = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
+        cfg_on = cfg_on and kwargs.get("skip_layers") is None  # SD3's skip-layer pass: conditional only
         if not cfg_on or (pos_w == neg_w and self.rule is None):
             # identical branches: one batched call, as diffusers does
             self.last_call = "plain"
-            return self._call(pos_w, (sample, timestep, *args), kwargs)
+            return self._call(pos_w, args, kwargs)
         tuple_out = kwargs.get("return_dict", True) is False
         out = None
         if pos_w == neg_w:
             self.last_call = "plain"
-            out = self._call(pos_w, (sample, timestep, *args), kwargs)
+            out = self._call(pos_w, args, kwargs)
         elif self.mode != "split":
-            out = self._single_call(pos_w, neg_w, n, (sample, timestep, *args), kwargs)
+            out = self._single_call(pos_w, neg_w, n, args, kwargs)
         if out is not None:
             neg, pos = (out[0] if tuple_out else out.sample).chunk(2)
         else:
             self.last_call = "split"
             outs = []
             for half, w in ((0, neg_w), (1, pos_w)):
-                a = [_split(x, n, half) for x in (sample, timestep, *args)]
+                a = [_split(x, n, half) for x in args]
                 kw = {k: _split(v, n, half) for k, v in kwargs.items()}
                 outs.append(self._call(w, a, kw))
             out = outs[0]
             neg, pos = (o[0] if tuple_out else o.sample for o in outs)
         if self.rule is not None:
+            timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
             pos = self._ruled_positive(neg, pos, _split(sample, n, 1), _split(timestep, n, 1))
         both = torch.cat([neg, pos])
         return (both,) if tuple_out else type(out)(sample=both)
@@ -199,6 +278,10 @@ class NPOGuidance:
             self._inside = True
             try:
                 out = self._orig(*args, **kwargs)
+            except ValueError:  # a LoRA layer saw another batch size than CFG's (peft checks it)
+                if self.mode == "single":
+                    raise
+                return None
             finally:
                 self._inside = False
         self.last_call = "single"
@@ -213,17 +296,19 @@ class NPOGuidance:
     # ---- attach / detach -------------------------------------------------------------------------
     def attach(self) -> NPOGuidance:
         if self._orig is None:
+            self._load_loras()
             activate_adapters(self.unet, self._lora)
             self._orig = self.unet.forward
             self.unet.forward = self._forward
         return self
 
     def detach(self) -> None:
-        """Restore the pipeline's own forward; the offsets stay loaded but inactive."""
+        """Restore the pipeline exactly: its own forward, and no adapter or wrapped layer of ours."""
         if self._orig is not None:
             self.unet.forward = self._orig
             self._orig = None
             deactivate_adapters(self.unet, self._lora)
+            self._unload_loras()
 
     def __enter__(self) -> NPOGuidance:
         return self.attach()

@@ -184,12 +184,31 @@ def resolve_offset_file(path: str | Path) -> Path:
     return p
 
 
+def check_lora_family(path: str | Path, pipe) -> None:
+    """One-line error for a diffusers LoRA written for another family's network.
+
+    Files of diffusers' own format prefix the network's keys with ``unet.`` or ``transformer.``;
+    one holding only the other network's keys would otherwise load as nothing at all.
+    """
+    p = resolve_offset_file(path)
+    with safe_open(str(p), "pt") as f:
+        keys = list(f.keys())
+    want = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    other = "transformer" if want == "unet" else "unet"
+    if not any(k.startswith(want + ".") for k in keys) and any(k.startswith(other + ".") for k in keys):
+        raise SelfNPOError(
+            f"{p}: LoRA of a model with a {other}, but {type(pipe).__name__} has a {want} (another model family)"
+        )
+
+
 def load_full_delta(path: str | Path, unet: nn.Module) -> dict[str, Tensor]:
     """Read a full-weight offset and check it against ``unet``'s parameter names and shapes."""
     p = resolve_offset_file(path)
     delta = load_file(str(p))
     params = {k: t for k, (_, t) in canonical_params(unet).items()}
     for k, v in delta.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise SelfNPOError(f"{p}: offset {k!r} holds NaN or infinite values; refusing to use it")
         if k not in params:
             raise SelfNPOError(f"{p}: offset holds {k!r}, which this model does not have (wrong model?)")
         if tuple(v.shape) != tuple(params[k].shape):
@@ -200,14 +219,23 @@ def load_full_delta(path: str | Path, unet: nn.Module) -> dict[str, Tensor]:
 
 
 def save_lora(pipe, unet: nn.Module, adapter: str, out_dir: str | Path, meta: Mapping[str, object]) -> Path:
-    """Save one peft adapter of ``unet`` as a diffusers LoRA folder (``load_lora_weights`` reads it)."""
+    """Save one peft adapter of ``unet`` as a diffusers LoRA folder (``load_lora_weights`` reads it).
+
+    ``unet`` is the pipeline's denoising network; a transformer (SD3, ...) is saved through the
+    family's ``transformer_lora_layers`` with peft's key names, as diffusers' own training
+    scripts save it, a UNet through ``unet_lora_layers`` in diffusers' key names.
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
+    state = get_peft_model_state_dict(unet, adapter_name=adapter)
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    if name == "unet":
+        state = convert_state_dict_to_diffusers(state)
     config = unet.peft_config[adapter].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    layers = {f"{name}_lora_layers": state, f"{name}_lora_adapter_metadata": config}
     with atomic_dir(out_dir) as tmp:
-        type(pipe).save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=config)
+        type(pipe).save_lora_weights(tmp, **layers)
         (Path(tmp) / "selfnpo_offset.json").write_text(json.dumps(dict(meta), indent=2, default=str))
     return Path(out_dir) / "pytorch_lora_weights.safetensors"

@@ -1,14 +1,16 @@
 """Parameterisation conversions between eps / v / x0 / flow velocity / score (pure functions).
 
 All functions take per-sample coefficients already broadcastable against ``x_t`` (see
-:func:`selfnpo.schedules.expand_like`). ``alpha**2 + sigma**2 = 1`` is assumed only where noted.
+:func:`selfnpo.schedules.expand_like`). ``alpha**2 + sigma**2 = 1`` is assumed only where noted
+(the v conversions); flow conversions assume ``alpha = 1 - sigma``; the rest (eps, x0, score,
+:func:`ddim_step`, :func:`renoise`) hold for any Gaussian path ``x_t = alpha x0 + sigma eps``.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 def eps_to_x0(x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -36,14 +38,19 @@ def x0_eps_to_v(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor
     return alpha * eps - sigma * x0
 
 
-def flow_to_x0(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
-    """Rectified flow ``x_t = (1 - t) x0 + t eps``, ``velocity = eps - x0``: ``x0 = x_t - t * v``."""
-    return x_t - t * velocity
+def flow_to_x0(x_t: Tensor, velocity: Tensor, sigma: Tensor) -> Tensor:
+    """Rectified flow ``x_t = (1 - sigma) x0 + sigma eps``, ``velocity = eps - x0``: ``x0 = x_t - sigma * v``."""
+    return x_t - sigma * velocity
 
 
-def flow_to_eps(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
-    """Rectified flow: ``eps = x_t + (1 - t) * v``."""
-    return x_t + (1.0 - t) * velocity
+def flow_to_eps(x_t: Tensor, velocity: Tensor, sigma: Tensor) -> Tensor:
+    """Rectified flow: ``eps = x_t + (1 - sigma) * v``."""
+    return x_t + (1.0 - sigma) * velocity
+
+
+def x0_eps_to_flow(x0: Tensor, eps: Tensor) -> Tensor:
+    """Flow-matching velocity target ``v = d x_t / d sigma = eps - x0``."""
+    return eps - x0
 
 
 def eps_to_score(eps: Tensor, sigma: Tensor) -> Tensor:
@@ -64,6 +71,8 @@ def to_x0(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_ty
         return v_to_x0(x_t, pred, alpha, sigma)
     if prediction_type == "sample":
         return pred
+    if prediction_type == "flow":
+        return flow_to_x0(x_t, pred, sigma)
     raise ValueError(f"unsupported prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
 
 
@@ -75,6 +84,8 @@ def to_eps(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_t
         return v_to_eps(x_t, pred, alpha, sigma)
     if prediction_type == "sample":
         return x0_to_eps(x_t, pred, alpha, sigma)
+    if prediction_type == "flow":
+        return flow_to_eps(x_t, pred, sigma)
     raise ValueError(f"unsupported prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
 
 
@@ -86,11 +97,17 @@ def target_for(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction
         return x0_eps_to_v(x0, eps, alpha, sigma)
     if prediction_type == "sample":
         return x0
+    if prediction_type == "flow":
+        return x0_eps_to_flow(x0, eps)
     raise ValueError(f"unsupported prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
 
 
 def ddim_step(x0: Tensor, eps: Tensor, alpha_next: Tensor, sigma_next: Tensor) -> Tensor:
-    """Deterministic DDIM update to the next level: ``x_next = alpha' * x0 + sigma' * eps``."""
+    """Deterministic DDIM update to the next level: ``x_next = alpha' * x0 + sigma' * eps``.
+
+    On a flow path (``alpha = 1 - sigma``) this is exactly the Euler step of the velocity ODE,
+    ``x_next = x_t + (sigma' - sigma) * v``, so one rollout serves both kinds of schedule.
+    """
     return alpha_next * x0 + sigma_next * eps
 
 
@@ -100,7 +117,9 @@ def renoise(
     """Re-noise the *state* from level t to a noisier level s (Self-NPO eq. 16).
 
     ``x_s = (alpha_s / alpha_t) x_t + sqrt(sigma_s^2 - sigma_t^2 alpha_s^2 / alpha_t^2) eps``.
-    Requires ``nsr_s >= nsr_t``; the variance is clamped at 0 against rounding.
+    Requires ``nsr_s >= nsr_t`` and ``alpha_t > 0``; the variance is clamped at 0 against rounding.
+    Needs no ``alpha^2 + sigma^2 = 1``: it serves VP and flow schedules alike (``alpha_s = 0``, the
+    flow's pure-noise level, gives ``x_s = sigma_s * eps``).
     """
     ratio = alpha_s / alpha_t
     var = (sigma_s**2 - (sigma_t * ratio) ** 2).clamp_min(0.0)

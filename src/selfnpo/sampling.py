@@ -1,7 +1,9 @@
 """DDIM-type rollouts used by training objectives (user-facing generation reuses diffusers).
 
 Timesteps are per sample (``t`` has shape ``[B]``) so that one batch can hold states at
-different noise levels.
+different noise levels. Levels are the schedule's integer training levels; coefficients and
+conversions come from ``model.schedule`` (through ``coeffs`` / ``x0_of`` / ``eps_of``), so the same
+rollout is DDIM on a VP schedule and the Euler step of the velocity ODE on a flow schedule.
 """
 
 from __future__ import annotations

@@ -1,14 +1,25 @@
-"""Noise schedules as pure functions of tensors.
+"""Noise schedules: small objects of pure functions, in the style of flow_matching's schedulers.
 
-Forward process (METHOD.md notation): ``x_t = alpha_t * x_0 + sigma_t * eps``. For the Stable
-Diffusion family ``alpha_t = sqrt(alphas_cumprod[t])`` and ``sigma_t = sqrt(1 - alphas_cumprod[t])``
-with integer ``t`` in ``0..T-1``; larger ``t`` is noisier.
+Forward process (docs/notation.md): ``x_t = alpha_t * x_0 + sigma_t * eps``. Both kinds index
+time by the scheduler's training level ``t`` in ``0..T-1`` (larger is noisier), so objectives draw,
+step and grid ``t`` the same way for every model; each schedule answers ``alpha_t``, ``sigma_t`` and
+the time the network itself takes for that level, and holds no state that sampling changes.
+
+- :class:`VPSchedule`: variance-preserving, ``alpha_t = sqrt(alphas_cumprod[t])``,
+  ``sigma_t = sqrt(1 - alphas_cumprod[t])``; the network takes ``t``; predicts eps, v or x0.
+- :class:`FlowSchedule`: rectified flow, ``alpha = 1 - sigma``; ``sigma_t`` is the time-shifted
+  level of diffusers' ``FlowMatchEulerDiscreteScheduler``; the network takes the continuous time
+  ``sigma_t * T``; predicts the velocity ``eps - x0``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from . import param
 
 
 def alpha_sigma(alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -22,6 +33,11 @@ def alpha_sigma(alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         ac = ac.float()
     a2 = ac[t.long()]
     return a2.sqrt(), (1.0 - a2).sqrt()
+
+
+def shift_sigma(u: Tensor, shift: float) -> Tensor:
+    """SD3's time shift ``sigma = shift * u / (1 + (shift - 1) * u)`` of a level ``u`` in [0, 1]."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
 
 
 def nsr(alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -45,3 +61,114 @@ def grid_stride(num_steps: int, num_train_timesteps: int = 1000) -> int:
 def expand_like(c: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample coefficient ``[B]`` to broadcast against ``x`` ``[B, ...]``."""
     return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
+
+
+class Schedule:
+    """What both kinds share: coefficients against a tensor and conversions of the network output.
+
+    Subclasses define ``prediction_type``, ``num_train_timesteps``, :meth:`alpha_sigma` and
+    :meth:`network_time`.
+    """
+
+    prediction_type: str
+    num_train_timesteps: int
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def network_time(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def t_max(self) -> int:
+        """The noisiest training level, ``T - 1``."""
+        return self.num_train_timesteps - 1
+
+    def coeffs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``alpha_t, sigma_t`` (``t``: ``[B]``) broadcast against ``like`` and in its dtype."""
+        a, s = self.alpha_sigma(t.to(like.device))
+        return expand_like(a, like).to(like.dtype), expand_like(s, like).to(like.dtype)
+
+    def to_x0(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Network output at level ``t`` -> Tweedie estimate of x0 (Self-NPO eq. 12)."""
+        a, s = self.coeffs(t, x_t)
+        return param.to_x0(pred, x_t, a, s, self.prediction_type)
+
+    def to_eps(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Network output at level ``t`` -> eps estimate."""
+        a, s = self.coeffs(t, x_t)
+        return param.to_eps(pred, x_t, a, s, self.prediction_type)
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """Regression target of plain diffusion training at level ``t``, in the network's space."""
+        a, s = self.coeffs(t, x0)
+        return param.target_for(x0, eps, a, s, self.prediction_type)
+
+
+@dataclass(frozen=True, eq=False)
+class VPSchedule(Schedule):
+    """Variance-preserving schedule over ``alphas_cumprod`` ``[T]`` (DDPM/DDIM/Euler schedulers).
+
+    ``prediction_type``: ``epsilon``, ``v_prediction`` or ``sample`` (diffusers' names).
+    """
+
+    alphas_cumprod: Tensor
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} for a VP schedule")
+
+    @property
+    def num_train_timesteps(self) -> int:  # type: ignore[override]
+        return int(self.alphas_cumprod.shape[0])
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``sqrt(alphas_cumprod[t]), sqrt(1 - alphas_cumprod[t])``."""
+        return alpha_sigma(self.alphas_cumprod, t)
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """UNets take the integer level itself."""
+        return t
+
+
+@dataclass(frozen=True, eq=False)
+class FlowSchedule(Schedule):
+    """Rectified flow ``x_t = (1 - sigma_t) x0 + sigma_t eps`` with velocity target ``eps - x0``.
+
+    ``sigma_t = shift_sigma((t + 1) / T, shift)``: level ``t`` is diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` training level (``sigmas[T - 1 - t]`` of a fresh scheduler),
+    so ``t = T - 1`` is pure noise (``alpha = 0``). :meth:`sigma_at` gives the same for a continuous
+    ``u`` in [0, 1].
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    prediction_type: str = "flow"
+
+    def sigma_at(self, u: Tensor) -> Tensor:
+        """``sigma`` at continuous time ``u`` in [0, 1] (float64)."""
+        return shift_sigma(u.double(), float(self.shift))
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(1 - sigma_t, sigma_t)`` for integer levels ``t``, in float64."""
+        s = self.sigma_at((t.double() + 1.0) / self.num_train_timesteps)
+        return 1.0 - s, s
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """Flow transformers (SD3, ...) take ``sigma_t * T`` as a float, as their pipelines pass it."""
+        return (self.alpha_sigma(t)[1] * self.num_train_timesteps).float()
+
+
+def schedule_for(scheduler) -> Schedule:
+    """The training schedule of a diffusers scheduler (read from its config, never its sampling state)."""
+    name = type(scheduler).__name__
+    cfg = scheduler.config
+    if name.startswith("FlowMatch"):
+        if cfg.get("use_dynamic_shifting", False):
+            raise ValueError(f"{name} with resolution-dependent (dynamic) time shift is not supported yet")
+        return FlowSchedule(int(cfg.get("num_train_timesteps", 1000)), float(cfg.get("shift", 1.0)))
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise ValueError(f"scheduler {name} has neither alphas_cumprod nor a flow-matching schedule")
+    return VPSchedule(ac.double().clone(), cfg.get("prediction_type", "epsilon"))

@@ -1,17 +1,17 @@
 """``selfnpo sweep``: NPO guidance over a grid of (alpha, beta, guidance scale), as heat maps.
 
 Every setting runs the conditional branch with ``theta + eta`` and the negative branch with
-``theta + alpha * eta + beta * delta`` (Diffusion-NPO eq. 10) on the same held-out world prompts
-and seeds, so settings are paired. Each is scored with the world metrics of ``selfnpo demo``
-(alignment, reward, Frechet distance, reward win rate over the reference ``alpha = beta = 0`` at
-the same g). The report shows one heat map per metric and panel, like Diffusion-NPO's
+``theta + alpha * eta + beta * delta`` (Diffusion-NPO eq. 10) on the same world prompts (the
+``validation`` split by default) and seeds, so settings are paired. Each is scored with the world
+metrics of ``selfnpo demo``: the paired reward difference from the reference ``alpha = beta = 0``
+at the same g, alignment, reward, KID and the reward win rate over the reference. The report shows one heat map per metric and panel, like Diffusion-NPO's
 hyper-parameter figure. Generated images are kept, so ``--resume`` skips finished settings.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,22 +19,25 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SelfNPOError
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, claim_output_dir, lock_dir, removed_on_failure
 from .training.config import opt
 
 METRICS = (  # key, label, higher is better
+    ("reward_diff", "reward difference vs alpha=beta=0 (paired)", True),
     ("alignment", "alignment accuracy", True),
     ("reward", "reward (log-lik.)", True),
-    ("frechet", "Frechet distance", False),
+    ("kid", "KID vs real renders", False),
     ("win_rate_reward", "reward win rate vs alpha=beta=0", True),
 )
+# Paired differences from the reference copied to the top level of each row: key -> paired key.
+PAIRED_KEYS = {"reward_diff": "reward", "alignment_diff": "alignment", "kid_diff": "kid"}
 _MANIFEST = "sweep_config.json"
 _RUN_ONLY = ("resume", "overwrite", "device", "layout")  # fields that do not change the numbers
 
 
 @dataclass
 class SweepConfig:
-    """Evaluate NPO guidance over a grid of (alpha, beta, guidance scale) on held-out world prompts."""
+    """Evaluate NPO guidance over a grid of (alpha, beta, guidance scale) on world prompts."""
 
     output: str = opt("sweep-output", "report folder")
     model: str = opt("", "diffusers model folder (default: the embedded world model)")
@@ -51,9 +54,14 @@ class SweepConfig:
         "auto (alpha-beta when several alphas are given)",
         choices=("auto", "beta-g", "alpha-beta"),
     )
-    eval_prompts: int = opt(32, "held-out prompts (one image each per setting)")
+    split: str = opt(
+        "validation",
+        "prompt split: validation (choosing settings) or test (reporting chosen ones, once)",
+        choices=("validation", "test"),
+    )
+    eval_prompts: int = opt(32, "prompts of the split (one image each per setting)")
     sample_steps: int = opt(10, "DDIM sampling steps")
-    seed: int = opt(0, "seed of prompts and sampling")
+    seed: int = opt(0, "seed of the bootstrap intervals (the split fixes prompts and sampling seeds)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     resume: bool = opt(False, "reuse the settings already generated in --output (same settings only)")
     overwrite: bool = opt(False, "replace an existing sweep folder")
@@ -65,17 +73,27 @@ class SweepConfig:
             raise SelfNPOError(f"--{name.replace('_', '-')} must be comma-separated numbers") from None
         if not vals:
             raise SelfNPOError(f"--{name.replace('_', '-')} must list at least one number")
+        if not all(math.isfinite(v) for v in vals):
+            raise SelfNPOError(
+                f"--{name.replace('_', '-')} must be finite numbers (got {getattr(self, name)!r})"
+            )
         return list(dict.fromkeys(vals))
 
     def validate(self) -> SweepConfig:
         if not self.negative:
             raise SelfNPOError("--negative is required (the offset delta to sweep)")
-        if self.eval_prompts < 1 or self.sample_steps < 1:
-            raise SelfNPOError("--eval-prompts and --sample-steps must be >= 1")
+        if self.eval_prompts < 2 or self.sample_steps < 1:
+            raise SelfNPOError(
+                "--eval-prompts must be >= 2 (intervals need two samples) and --sample-steps >= 1"
+            )
+        if self.sample_steps > 1000:
+            raise SelfNPOError("--sample-steps must be in 1..1000")
+        if not 0 <= self.seed < 2**32:
+            raise SelfNPOError("--seed must be in 0..4294967295")
         if self.resume and self.overwrite:
             raise SelfNPOError("--resume and --overwrite exclude each other")
-        if any(g < 0 for g in self.floats("guidance_scales")):
-            raise SelfNPOError("--guidance-scales must be non-negative")
+        if any(not 0 <= g <= 100 for g in self.floats("guidance_scales")):
+            raise SelfNPOError("--guidance-scales must be in [0, 100]")
         if not self.positive and self.floats("alphas") != [0.0]:
             raise SelfNPOError("--alphas other than 0 need a --positive offset (alpha scales eta)")
         if any(abs(v) > 10 for v in self.floats("alphas") + self.floats("betas")):
@@ -94,26 +112,43 @@ class SweepConfig:
         )
 
 
-def _prepare(cfg: SweepConfig) -> Path:
+def _legacy_sweep(out: Path) -> bool:
+    return (out / _MANIFEST).is_file()
+
+
+def _prepare(cfg: SweepConfig) -> tuple[Path, bool]:
+    import os
+
     out = Path(cfg.output)
     mine = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
-    if out.exists() and any(out.iterdir()):
-        manifest = out / _MANIFEST
-        if not manifest.is_file():
-            raise SelfNPOError(f"{out}: exists and is not a selfnpo sweep folder; refusing to touch it")
-        if cfg.resume:
-            if json.loads(manifest.read_text()) != mine:
-                raise SelfNPOError(f"{out}: holds a sweep with other settings; cannot resume it")
-            return out
-        if not cfg.overwrite:
-            raise SelfNPOError(f"{out}: exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
+    resuming = claim_output_dir(
+        out, "sweep", overwrite=cfg.overwrite, resume=cfg.resume, legacy=_legacy_sweep, flag="--output"
+    )
+    if resuming and (out / _MANIFEST).is_file():
+        try:
+            saved = json.loads((out / _MANIFEST).read_text(encoding="utf-8"))
+            if not isinstance(saved, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SelfNPOError(f"{out / _MANIFEST}: damaged, cannot resume ({e})") from None
+        for k, v in mine.items():
+            old = saved.get(k)
+            if k in ("output", "model", "negative", "positive") and old and v and isinstance(old, str):
+                if os.path.realpath(old) == os.path.realpath(v):
+                    continue
+            if old != v:
+                raise SelfNPOError(
+                    f"{out}: holds a sweep with other settings (--{k.replace('_', '-')} was {old!r}, "
+                    f"now {v!r}); cannot resume it"
+                )
+        (out / "images").mkdir(exist_ok=True)
+        return out, True
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / _MANIFEST, json.dumps(mine, indent=2))
     except OSError as e:
         raise SelfNPOError(f"{out}: cannot write ({e.strerror})") from None
-    return out
+    return out, resuming
 
 
 def _setting_images(bench, npo, out: Path, a: float, b: float, g: float) -> np.ndarray:
@@ -122,7 +157,12 @@ def _setting_images(bench, npo, out: Path, a: float, b: float, g: float) -> np.n
 
     path = out / "images" / f"alpha{a!r}_beta{b!r}_g{g!r}.npy"  # repr: distinct values, distinct files
     if path.is_file():
-        return np.load(path, allow_pickle=False)
+        try:
+            ims = np.load(path, allow_pickle=False)
+            if ims.dtype == np.uint8 and ims.ndim == 4 and len(ims) == len(bench.prompts):
+                return ims
+        except (ValueError, OSError, EOFError):
+            pass  # truncated or damaged: made again below
     npo.alpha, npo.beta = a, b
     with npo:
         ims = generate_uint8(bench.pipe, bench.prompts, bench.seeds, g, bench.cfg.sample_steps)
@@ -174,13 +214,14 @@ def _report(cfg: SweepConfig, bench, out: Path, rows: list[dict], extra: dict) -
     maps, numbers = _heatmaps(cfg, rows)
     table = Table(
         "All settings (mean [95% bootstrap interval])",
-        ["alpha", "beta", "g", *(label for _, label, _ in METRICS)],
+        ["alpha", "beta", "g", *(label for _, label, _ in METRICS), "verdict"],
         [
             [
                 r["alpha"],
                 r["beta"],
                 r["guidance_scale"],
                 *(format_ci(*r[k]) if k in r else "-" for k, _, _ in METRICS),
+                r.get("verdict", "reference"),
             ]
             for r in rows
         ],
@@ -197,7 +238,8 @@ def _report(cfg: SweepConfig, bench, out: Path, rows: list[dict], extra: dict) -
         "Conditional branch: theta + eta; negative branch: theta + alpha*eta + beta*delta "
         "(Diffusion-NPO eq. 10). All settings share prompts and seeds, so they are paired; win rates "
         "compare with alpha = beta = 0 at the same guidance scale.",
-        f"{len(bench.prompts)} held-out prompts, {cfg.sample_steps} sampling steps; heat-map cells are means.",
+        f"{len(bench.prompts)} prompts of the {cfg.split} split, {cfg.sample_steps} sampling steps; heat-map "
+        "cells are means; paired differences and verdicts are docs/evaluation.md's.",
     ]
     metrics = {"config": asdict(cfg), **extra, "rows": rows, "heatmaps": numbers}
     report = Report("NPO hyper-parameter sweep", paragraphs, [table], [], [grid], maps, metrics)
@@ -206,12 +248,8 @@ def _report(cfg: SweepConfig, bench, out: Path, rows: list[dict], extra: dict) -
 
 def run_sweep(cfg: SweepConfig, progress=print) -> dict:
     """Generate and score every (alpha, beta, g); returns the metrics written to ``metrics.json``."""
-    from .demo import DemoConfig, EvalBench
-    from .evaluation.world_eval import score_images
-    from .models.loading import load_pipeline, resolve_model_class
-    from .npo import NPOGuidance
+    from .models.loading import check_device, resolve_model_class
     from .offsets import offset_kind
-    from .world.classifier import load_classifier
     from .world.model import shipped_model_dir
 
     cfg = cfg.validate()
@@ -221,9 +259,31 @@ def run_sweep(cfg: SweepConfig, progress=print) -> dict:
     for src in (cfg.negative, cfg.positive):
         if src:
             offset_kind(src)  # missing or unreadable offsets fail before anything is written
-    out = _prepare(cfg)
+    check_device(cfg.device)
+    out, resuming = _prepare(cfg)
+    lock = lock_dir(out)
+    try:
+        with removed_on_failure(out, not resuming, keep=lambda o: any((o / "images").glob("*.npy"))):
+            return _run_sweep(cfg, model, out, progress, t0)
+    finally:
+        lock.close()
+
+
+def _run_sweep(cfg: SweepConfig, model: str, out: Path, progress, t0: float) -> dict:
+    from .demo import DemoConfig, EvalBench
+    from .evaluation.world_eval import score_images
+    from .models.loading import load_pipeline
+    from .npo import NPOGuidance
+    from .world.classifier import load_classifier
+
     pipe = load_pipeline(model, device=cfg.device, dtype="fp32")
-    bench_cfg = DemoConfig(eval_prompts=cfg.eval_prompts, sample_steps=cfg.sample_steps, seed=cfg.seed)
+    bench_cfg = DemoConfig(
+        split=cfg.split,
+        eval_prompts=cfg.eval_prompts,
+        real_images=max(cfg.eval_prompts, 256),
+        sample_steps=cfg.sample_steps,
+        seed=cfg.seed,
+    )
     bench = EvalBench(bench_cfg, pipe, load_classifier())
     npo = NPOGuidance(pipe, negative=cfg.negative, positive=cfg.positive or None)
     grid = [
@@ -240,7 +300,9 @@ def run_sweep(cfg: SweepConfig, progress=print) -> dict:
     rows = []
     for a, b, g in grid:
         ref = ("sweep", 0.0, 0.0, g)
-        rows.append({"alpha": a, "beta": b, "guidance_scale": g, **bench.summary(("sweep", a, b, g), ref)})
+        summary = bench.summary(("sweep", a, b, g), ref)
+        flat = {k: summary["paired"][v]["diff"] for k, v in PAIRED_KEYS.items() if "paired" in summary}
+        rows.append({"alpha": a, "beta": b, "guidance_scale": g, **summary, **flat})
         progress(f"alpha={a:g} beta={b:g} g={g:g}: alignment {rows[-1]['alignment'][0]:.3f}")
     extra = {
         "model": model,

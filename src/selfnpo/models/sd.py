@@ -1,10 +1,12 @@
 """Adapter from a diffusers Stable-Diffusion-family pipeline to the denoiser contract.
 
 Every sampler, guidance rule and objective in selfnpo only calls ``model.predict(x_t, t, cond)``
-(raw network output in ``model.prediction_type``) and the schedule helpers here. SD1.5-type
-pipelines (one CLIP text encoder) and SDXL-type pipelines (two text encoders, pooled embeddings,
-size/crop micro-conditioning) differ only in :meth:`DiffusionModel.encode` and
-:meth:`DiffusionModel.uncond`.
+(raw network output in ``model.prediction_type``) and the schedule (:attr:`DiffusionModel.schedule`,
+a :mod:`selfnpo.schedules` object; ``coeffs`` / ``x0_of`` / ``eps_of`` go through it). ``t`` is
+the scheduler's integer training level for every family; the schedule maps it to the network's
+own time. SD1.5-type pipelines (one CLIP text encoder) and SDXL-type pipelines (two text encoders,
+pooled embeddings, size/crop micro-conditioning) differ only in :meth:`DiffusionModel.encode` and
+:meth:`DiffusionModel.uncond`; other families subclass it (:mod:`selfnpo.models.sd3`).
 """
 
 from __future__ import annotations
@@ -15,24 +17,32 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Cond
-from ..param import to_eps, to_x0
-from ..schedules import alpha_sigma, expand_like
+from ..schedules import Schedule, schedule_for
+
+
+def denoiser_network(pipe) -> nn.Module:
+    """The pipeline's denoising network: ``pipe.unet`` or ``pipe.transformer``."""
+    net = getattr(pipe, "unet", None)
+    if net is None:
+        net = getattr(pipe, "transformer", None)
+    if net is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    return net
 
 
 class DiffusionModel:
-    """A UNet, its text encoders and its training schedule, behind one small interface."""
+    """A denoising network, its text encoders and its training schedule, behind one small interface.
+
+    ``unet`` is the denoising network whatever its class (a transformer for flow families); the
+    name is kept so the training loop and offsets treat every family alike.
+    """
 
     CACHE_SIZE = 8192  # prompts whose encodings are kept (oldest dropped first)
 
     def __init__(self, pipe, uncond_mode: str = "auto") -> None:
         self.pipe = pipe
-        self.unet: nn.Module = pipe.unet
-        sched = pipe.scheduler.config
-        if getattr(pipe.scheduler, "alphas_cumprod", None) is None:
-            raise ValueError(f"scheduler {type(pipe.scheduler).__name__} has no alphas_cumprod")
-        self.alphas_cumprod: Tensor = pipe.scheduler.alphas_cumprod.double().clone()
-        self.prediction_type: str = sched.get("prediction_type", "epsilon")
-        self.num_train_timesteps: int = int(sched.get("num_train_timesteps", 1000))
+        self.unet: nn.Module = denoiser_network(pipe)
+        self.schedule: Schedule = schedule_for(pipe.scheduler)
         self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
         if uncond_mode == "auto":
             zeros = self.is_sdxl and pipe.config.get("force_zeros_for_empty_prompt", False)
@@ -41,6 +51,19 @@ class DiffusionModel:
         self._cache: dict[str, Cond] = {}
         self.nfe = 0  # network evaluations (samples x passes), for cost accounting
 
+    @property
+    def prediction_type(self) -> str:
+        return self.schedule.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_train_timesteps
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """VP schedules only (an AttributeError on flow models); prefer ``schedule.alpha_sigma``."""
+        return self.schedule.alphas_cumprod
+
     # ---- geometry -------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -48,14 +71,14 @@ class DiffusionModel:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.pipe.unet.config.in_channels)
+        return int(self.unet.config.in_channels)
 
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
     def default_resolution(self) -> int:
-        return int(self.pipe.unet.config.sample_size) * self.vae_scale
+        return int(self.unet.config.sample_size) * self.vae_scale
 
     def latent_shape(self, batch: int, resolution: int | None = None) -> tuple[int, ...]:
         res = resolution or self.default_resolution()
@@ -119,20 +142,21 @@ class DiffusionModel:
         self.nfe += x_t.shape[0]
         dtype = next(net.parameters()).dtype
         c = cond.to(x_t.device, dtype)
-        return net(x_t.to(dtype), t, **c.unet_kwargs(), return_dict=False)[0].to(x_t.dtype)
+        return self._forward(net, x_t.to(dtype), self.schedule.network_time(t), c).to(x_t.dtype)
+
+    def _forward(self, net: nn.Module, x: Tensor, time: Tensor, c: Cond) -> Tensor:
+        """One call of the network as its pipeline makes it (the UNet's positional call here)."""
+        return net(x, time, **c.unet_kwargs(), return_dict=False)[0]
 
     def coeffs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """``alpha_t, sigma_t`` broadcast against ``like`` and in its dtype."""
-        a, s = alpha_sigma(self.alphas_cumprod, t.to(like.device))
-        return expand_like(a, like).to(like.dtype), expand_like(s, like).to(like.dtype)
+        return self.schedule.coeffs(t, like)
 
     def x0_of(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        a, s = self.coeffs(t, x_t)
-        return to_x0(pred, x_t, a, s, self.prediction_type)
+        return self.schedule.to_x0(pred, x_t, t)
 
     def eps_of(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        a, s = self.coeffs(t, x_t)
-        return to_eps(pred, x_t, a, s, self.prediction_type)
+        return self.schedule.to_eps(pred, x_t, t)
 
     # ---- latents <-> images -----------------------------------------------------------------
     @torch.no_grad()

@@ -210,3 +210,67 @@ def build_tiny_pipeline(
         unet=unet,
         scheduler=sched,
     )
+
+
+def build_tiny_sd3_pipeline(
+    tokenizer_dir: str | Path,
+    sample_size: int = 8,
+    seed: int = 0,
+    shift: float = 3.0,
+    with_t5: bool = True,
+):
+    """A random-weight ``StableDiffusion3Pipeline`` (sizes from diffusers' own SD3 pipeline tests).
+
+    Two CLIP encoders with projections (pooled width 2 x 32) and a two-layer ``T5EncoderModel``.
+    The hub's tiny T5 tokenizer is not available offline, so every text encoder uses the
+    character-level CLIP tokenizer of :func:`write_tiny_vocab` (T5's ids are then CLIP ids; the
+    encoder's vocabulary is sized to match).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
+    vocab = len(tok)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    te1 = text_encoder(vocab, 32, 32, seed + 2)
+    te2 = text_encoder(vocab, 32, 32, seed + 3)
+    te3 = None
+    if with_t5:
+        torch.manual_seed(seed + 4)
+        te3 = T5EncoderModel(
+            T5Config(
+                vocab_size=vocab,
+                d_model=32,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                pad_token_id=vocab - 1,
+            )
+        )
+    torch.manual_seed(seed + 1)
+    vae = autoencoder((16, 32), 4, sample_size * 2, norm_groups=8)
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5035)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=tok,
+        text_encoder_2=te2,
+        tokenizer_2=tok,
+        text_encoder_3=te3,
+        tokenizer_3=tok if with_t5 else None,
+    )

@@ -117,7 +117,7 @@ def ddspo_objective(
         x_w = batch.x0
     n = x_w.shape[0]
     # one t and one noise per pair, shared by both branches, drawn as Diffusion-DPO draws them
-    t = uniform_int(ctx, torch.zeros(n, dtype=torch.long, device=x_w.device), m.num_train_timesteps - 1)
+    t = uniform_int(ctx, torch.zeros(n, dtype=torch.long, device=x_w.device), m.schedule.t_max)
     eps = ctx.randn(tuple(x_w.shape))
     noise_targets = noise_targets or c.ddspo_targets == "noise"
     with torch.no_grad():

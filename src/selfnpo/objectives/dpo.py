@@ -52,7 +52,7 @@ def _dpo(ctx: StepContext, batch: Batch, reverse: bool) -> Tensor:
     x_w, x_l = (batch.x0_l, batch.x0) if reverse else (batch.x0, batch.x0_l)
     n = x_w.shape[0]
     zero = torch.zeros(n, dtype=torch.long, device=x_w.device)
-    t = uniform_int(ctx, zero, m.num_train_timesteps - 1)
+    t = uniform_int(ctx, zero, m.schedule.t_max)
     eps = ctx.randn(tuple(x_w.shape))  # one noise and one t per pair, shared by winner and loser
     a, s = m.coeffs(t, x_w)
     x_t = torch.cat([a * x_w + s * eps, a * x_l + s * eps])

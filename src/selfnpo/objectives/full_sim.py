@@ -20,7 +20,7 @@ def full_sim(ctx: StepContext, batch: Batch) -> Tensor:
     grid = ddim_grid(cfg.grid_steps, m.num_train_timesteps).to(ctx.generator.device)
     x0 = ddim_sample(m, f, ctx.randn(shape), grid)
     zero = torch.zeros(shape[0], dtype=torch.long, device=x0.device)
-    t = uniform_int(ctx, zero, m.num_train_timesteps - 1)
+    t = uniform_int(ctx, zero, m.schedule.t_max)
     a, s = m.coeffs(t, x0)
     x_t = a * x0 + s * ctx.randn(shape)
     x0_pred = m.x0_of(ctx.student(x_t, t, batch.cond), x_t, t)

@@ -16,7 +16,7 @@ def start_state(ctx: StepContext, batch: Batch, shape: tuple[int, ...]) -> tuple
     cfg, m = ctx.config, ctx.model
     dev = ctx.generator.device
     if batch.x0 is None:
-        t_top = torch.full((shape[0],), m.num_train_timesteps - 1, device=dev, dtype=torch.long)
+        t_top = torch.full((shape[0],), m.schedule.t_max, device=dev, dtype=torch.long)
         return ctx.randn(shape), t_top
     grid = ddim_grid(cfg.grid_steps, m.num_train_timesteps).to(dev)
     idx = (ctx.rand(shape[0]).to(dev) * len(grid)).floor().long().clamp(max=len(grid) - 1)
@@ -42,7 +42,7 @@ def tdft(ctx: StepContext, batch: Batch) -> Tensor:
     x_t, t = ddim_rollout(m, f, x_tp, t_prime, cfg.k_steps, stride)
     with torch.no_grad():
         target = m.x0_of(f(x_t, t), x_t, t)
-    s = uniform_int(ctx, t + 1, m.num_train_timesteps - 1)
+    s = uniform_int(ctx, t + 1, m.schedule.t_max)
     a_t, sig_t = m.coeffs(t, x_t)
     a_s, sig_s = m.coeffs(s, x_t)
     x_s = renoise(x_t, a_t, sig_t, a_s, sig_s, ctx.randn(shape))
