@@ -204,7 +204,7 @@ def _train(
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     offset = TrainableOffset(model, cfg)
     opt = torch.optim.AdamW(offset.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model.unet, opt = acc.prepare(model.unet, opt)
+    offset.net, opt = acc.prepare(model.unet, opt)  # a DDP wrapper with several processes
     # one generator, the same in every process: each draws the global batch and keeps its rows
     gen = torch.Generator(acc.device).manual_seed(cfg.seed)
     with acc.main_process_first():  # the main process builds the pool file, the others load it
@@ -272,7 +272,7 @@ def _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run)
         if isinstance(x0, tuple):  # preference sources: (winners, losers)
             x0, x0_l = x0
         batch = Batch(prompts, model.encode(prompts).to(acc.device), x0, x0_l)
-        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(model.unet)
+        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(offset.net)
         with sync, acc.autocast():
             loss = objective(ctx, batch).mean() / cfg.grad_accum
             if not _all_finite(acc, loss):

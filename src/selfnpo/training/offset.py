@@ -51,6 +51,9 @@ class TrainableOffset:
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints gradients only in training mode; SD UNets have no dropout
+        # what the student's passes run through: the UNet, or the wrapper accelerate puts around
+        # it for several processes (set by the training loop); ``model.unet`` stays the UNet
+        self.net: nn.Module = unet
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self._pairs = self._ema_pairs()
 
@@ -99,15 +102,14 @@ class TrainableOffset:
     def student(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         if self.mode == "lora":
             with adapter_scales(self.model.unet, {TEACHER: 0.0}):
-                return self.model.predict(x, t, cond)
-        return self.model.predict(x, t, cond)
+                return self.model.predict(x, t, cond, unet=self.net)
+        return self.model.predict(x, t, cond, unet=self.net)
 
     @torch.no_grad()
     def teacher(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        # past any DDP wrapper: a no-grad pass needs no gradient sync (nor its per-call hooks)
         if self.mode == "lora":
             with adapter_scales(self.model.unet, {STUDENT: 0.0}):
-                return self.model.predict(x, t, cond, unet=_unwrap(self.model.unet))
+                return self.model.predict(x, t, cond, unet=_teacher_net(self.net))
         return self.model.predict(x, t, cond, unet=self.teacher_net)
 
     @torch.no_grad()
@@ -127,7 +129,7 @@ class TrainableOffset:
         """
         from ..offsets import lora_layers
 
-        unet = getattr(self.model.unet, "module", self.model.unet)  # inside any wrapper
+        unet = getattr(self.model.unet, "module", self.model.unet)  # unwrap a DDP wrapper
         total = torch.zeros((), device=self.model.device)
         if self.mode == "lora":
             for layer in lora_layers(unet, STUDENT):
@@ -160,7 +162,7 @@ class TrainableOffset:
 
     def save(self, out_dir: Path, meta: dict) -> Path:
         """Write the negative offset: a diffusers LoRA folder, or ``full_delta.safetensors``."""
-        unet = getattr(self.model.unet, "module", self.model.unet)  # inside any wrapper
+        unet = self.model.unet
         if self.mode == "lora":
             return save_lora(self.model.pipe, unet, STUDENT, out_dir, meta)
         cur = unet.state_dict()
@@ -175,9 +177,11 @@ class TrainableOffset:
         return path
 
 
-def _unwrap(unet: nn.Module) -> nn.Module:
-    """The UNet inside a DDP wrapper (whose weights are whole in every process); any other
-    wrapper (FSDP, DeepSpeed) is kept, since its forward gathers sharded weights."""
+def _teacher_net(net: nn.Module) -> nn.Module:
+    """The network for no-grad teacher passes: past a DDP wrapper (its weights are whole in every
+    process, and a pass that is never backpropagated needs neither its gradient sync nor its
+    per-call hooks); any other wrapper (FSDP, DeepSpeed) is kept, since its forward gathers
+    sharded weights."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return unet.module if isinstance(unet, DistributedDataParallel) else unet
+    return net.module if isinstance(net, DistributedDataParallel) else net
