@@ -28,6 +28,7 @@ from .offsets import (
     BASE,
     activate_adapters,
     adapter_scales,
+    all_lora_layers,
     check_lora_family,
     deactivate_adapters,
     full_delta_call,
@@ -89,6 +90,7 @@ class NPOGuidance:
             raise SelfNPOError(f"alpha and beta must be finite numbers (got {alpha}, {beta})")
         self.rule, self.mode = rule, mode
         self.last_call: str | None = None  # "single", "split" or "plain" (identical branches)
+        self._lora_layers: list | None = None
         self._full: dict[str, dict[str, Tensor]] = {}
         self._lora: list[str] = []
         self._lora_files: dict[str, str] = {}
@@ -256,9 +258,16 @@ class NPOGuidance:
             pick.append(on[0] if on else BASE)
         if pick[0] == pick[1]:  # one adapter at two different scales
             return None
-        if not mixed_batch_ready(self.unet, set(pick) - {BASE}, set(self._lora)):
+        if not mixed_batch_ready(self._layers(), set(pick) - {BASE}, set(self._lora)):
             return None
         return pick[0], pick[1]
+
+    def _layers(self) -> list:
+        """The UNet's LoRA layers, found once per attach (a walk over ~1,000 modules costs ~ms,
+        which a GPU step would notice)."""
+        if self._lora_layers is None:
+            self._lora_layers = all_lora_layers(self.unet)
+        return self._lora_layers
 
     def _single_call(self, pos_w, neg_w, n: int, args, kwargs):
         """CFG's one batched call with the negative half on its offset and the positive half on
@@ -274,7 +283,8 @@ class NPOGuidance:
         neg, pos = names
         scales = {k: w[k] for k, w in ((neg, neg_w), (pos, pos_w)) if k != BASE}
         per_sample = [neg] * (n // 2) + [pos] * (n // 2)
-        with adapter_scales(self.unet, scales), per_sample_adapters(self.unet, per_sample):
+        layers = self._layers()
+        with adapter_scales(layers, scales), per_sample_adapters(layers, per_sample):
             self._inside = True
             try:
                 out = self._orig(*args, **kwargs)
@@ -298,6 +308,7 @@ class NPOGuidance:
         if self._orig is None:
             self._load_loras()
             activate_adapters(self.unet, self._lora)
+            self._lora_layers = None  # loading wrapped layers: find them again on the next call
             self._orig = self.unet.forward
             self.unet.forward = self._forward
         return self

@@ -24,11 +24,12 @@ from .io import atomic_dir, atomic_path
 FULL_DELTA_FORMAT = "selfnpo.full_delta.v1"
 
 
-def lora_layers(module: nn.Module, adapter: str) -> list[nn.Module]:
-    """Every peft LoRA layer of ``module`` that holds ``adapter``."""
+def lora_layers(module: nn.Module | list[nn.Module], adapter: str) -> list[nn.Module]:
+    """Every peft LoRA layer of ``module`` (or of a list of layers found before) that holds ``adapter``."""
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in module.modules() if isinstance(m, LoraLayer) and adapter in m.scaling]
+    mods = module if isinstance(module, list) else module.modules()
+    return [m for m in mods if isinstance(m, LoraLayer) and adapter in m.scaling]
 
 
 def _set_active(layer: nn.Module, active: list[str]) -> None:
@@ -63,8 +64,9 @@ def deactivate_adapters(module: nn.Module, names: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def adapter_scales(module: nn.Module, scales: Mapping[str, float]) -> Iterator[None]:
+def adapter_scales(module: nn.Module | list[nn.Module], scales: Mapping[str, float]) -> Iterator[None]:
     """Temporarily multiply named LoRA adapters' scalings by ``scales``; restores them exactly.
+    ``module``: a network, or the list of its LoRA layers (:func:`all_lora_layers`).
 
     Scale 0 gives the network without that adapter, bit for bit (its output is added times 0).
     """
@@ -83,35 +85,34 @@ def adapter_scales(module: nn.Module, scales: Mapping[str, float]) -> Iterator[N
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
-def mixed_batch_ready(module: nn.Module, names: set[str], allowed: set[str]) -> bool:
-    """Whether every LoRA layer can run peft's mixed-batch forward for ``names``: unmerged, no DoRA
-    among them, and no active adapter outside ``allowed`` (a mixed batch applies only the one
-    adapter named per sample, so any other active adapter would be dropped)."""
-    from peft.tuners.lora import LoraLayer
-
-    for m in module.modules():
-        if isinstance(m, LoraLayer):
-            if not hasattr(m, "_mixed_batch_forward") or m.merged:
-                return False
-            if any(m.use_dora.get(n, False) for n in names) or set(m.active_adapters) - allowed:
-                return False
+def mixed_batch_ready(layers: list[nn.Module], names: set[str], allowed: set[str]) -> bool:
+    """Whether these LoRA layers can all run peft's mixed-batch forward for ``names``: unmerged,
+    no DoRA among them, and no active adapter outside ``allowed`` (a mixed batch applies only the
+    one adapter named per sample, so any other active adapter would be dropped)."""
+    for m in layers:
+        if not hasattr(m, "_mixed_batch_forward") or m.merged:
+            return False
+        if any(m.use_dora.get(n, False) for n in names) or set(m.active_adapters) - allowed:
+            return False
     return True
 
 
-@contextlib.contextmanager
-def per_sample_adapters(module: nn.Module, names: list[str]) -> Iterator[None]:
-    """Run every LoRA layer of ``module`` with adapter ``names[i]`` for sample ``i`` (peft's
-    mixed-batch inference; ``"__base__"``: no adapter), at each adapter's current scaling."""
+def all_lora_layers(module: nn.Module) -> list[nn.Module]:
+    """Every peft LoRA layer of ``module`` (one walk over its modules)."""
     from peft.tuners.lora import LoraLayer
+
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def per_sample_adapters(layers: list[nn.Module], names: list[str]) -> Iterator[None]:
+    """Run these LoRA layers with adapter ``names[i]`` for sample ``i`` (peft's mixed-batch
+    inference; ``"__base__"``: no adapter), at each adapter's current scaling."""
 
     def hook(mod, args, kwargs):
         return args, {**kwargs, "adapter_names": names}
 
-    handles = [
-        m.register_forward_pre_hook(hook, with_kwargs=True)
-        for m in module.modules()
-        if isinstance(m, LoraLayer)
-    ]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
     try:
         yield
     finally:
