@@ -4,7 +4,10 @@ The conditional branch runs with ``theta + eta`` and the unconditional / negativ
 with ``theta + alpha * eta + beta * delta`` (Diffusion-NPO eq. 10). diffusers' SD and SDXL
 pipelines evaluate classifier-free guidance as one UNet call on ``cat([negative, positive])``;
 while attached, :class:`NPOGuidance` splits that call in two and runs each half with its own
-weights. The user's pipeline, schedulers, LoRAs and other components stay as they are.
+weights. Pipelines that make separate conditional and unconditional calls (Flux's true CFG, Wan)
+name them through ``transformer.cache_context("cond" / "uncond")``; while attached, that method is
+wrapped so the call made inside ``"uncond"`` runs with the negative weights. The user's pipeline,
+schedulers, LoRAs and other components stay as they are.
 
 Example::
 
@@ -15,12 +18,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from .errors import SelfNPOError
+from .models import check_supported
 from .models.sd import denoiser_network
 from .offsets import (
     activate_adapters,
@@ -65,6 +70,7 @@ class NPOGuidance:
     def __init__(
         self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0, rule=None
     ) -> None:
+        check_supported(pipe)
         self.pipe, self.unet = pipe, denoiser_network(pipe)
         self.alpha, self.beta = float(alpha), float(beta)
         self.rule = rule
@@ -75,6 +81,8 @@ class NPOGuidance:
                 self._load(name, src)
         self._orig = None
         self._inside = False
+        self._context: str | None = None  # the cache-context name of the current call, if any
+        self._orig_cache_context = None
 
     def _load(self, name: str, src) -> None:
         path = resolve_offset_file(src)
@@ -121,6 +129,8 @@ class NPOGuidance:
         # UNets are called as (sample, timestep, ...), SD3's transformer with keywords only
         if self._inside:
             return self._orig(*args, **kwargs)
+        if self._context is not None:
+            return self._separate_call(args, kwargs)
         pos_w, neg_w = self.branch_weights(False), self.branch_weights(True)
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         n = sample.shape[0]
@@ -147,6 +157,25 @@ class NPOGuidance:
         both = torch.cat([neg, pos])
         return (both,) if tuple_out else type(out)(sample=both)
 
+    def _separate_call(self, args, kwargs):
+        """One branch of a pipeline that calls the network once per branch: the call inside
+        ``cache_context("uncond")`` gets the negative weights, any other the positive ones."""
+        if self.rule is not None:
+            raise SelfNPOError(
+                f"guidance rules need one batched CFG call; {type(self.pipe).__name__} makes separate calls"
+            )
+        return self._call(self.branch_weights(self._context == "uncond"), args, kwargs)
+
+    @contextlib.contextmanager
+    def _named_call(self, name: str, **kw):
+        """Stands in for ``transformer.cache_context`` while attached: records the branch name."""
+        prev, self._context = self._context, name
+        try:
+            with self._orig_cache_context(name, **kw):
+                yield
+        finally:
+            self._context = prev
+
     def _ruled_positive(self, neg: Tensor, pos: Tensor, x_t: Tensor, timestep) -> Tensor:
         """The positive half for which the pipeline's ``neg + g (pos' - neg)`` is ``rule(neg, pos)``."""
         g = float(self.pipe.guidance_scale)
@@ -159,6 +188,9 @@ class NPOGuidance:
             activate_adapters(self.unet, self._lora)
             self._orig = self.unet.forward
             self.unet.forward = self._forward
+            if hasattr(self.unet, "cache_context") and "cache_context" not in vars(self.unet):
+                self._orig_cache_context = self.unet.cache_context
+                self.unet.cache_context = self._named_call
         return self
 
     def detach(self) -> None:
@@ -166,6 +198,9 @@ class NPOGuidance:
         if self._orig is not None:
             self.unet.forward = self._orig
             self._orig = None
+            if self._orig_cache_context is not None:
+                del self.unet.cache_context  # the class's own method again
+                self._orig_cache_context = None
             deactivate_adapters(self.unet, self._lora)
 
     def __enter__(self) -> NPOGuidance:

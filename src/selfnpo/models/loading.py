@@ -14,6 +14,8 @@ SUPPORTED = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "WanPipeline": "wan",
 }
 
 
@@ -75,7 +77,11 @@ def resolve_model_class(model: str) -> str:
 
 
 def load_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
-    """Load an SD1.5-type, SDXL-type or SD3-type diffusers pipeline, without its safety checker."""
+    """Load a pipeline of a supported family (:data:`SUPPORTED`), without its safety checker.
+
+    Models of a supported class that cannot take an offset (FLUX.1-schnell, two-expert Wan 2.2)
+    are refused in one line after loading.
+    """
     import diffusers
 
     name = resolve_model_class(model)
@@ -92,4 +98,7 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SelfNPOError(f"{model}: cannot load the pipeline ({msg[:200]})") from None
     pipe.set_progress_bar_config(disable=True)
+    from . import check_supported
+
+    check_supported(pipe)
     return pipe.to(dev)

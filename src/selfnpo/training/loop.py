@@ -136,7 +136,7 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
-    model = model_for(pipe)
+    model = model_for(pipe, resolution=cfg.resolution or None, frames=cfg.frames or None)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     offset = TrainableOffset(model, cfg)
     opt = torch.optim.AdamW(offset.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
