@@ -129,12 +129,12 @@ class NPOGuidance:
         # UNets are called as (sample, timestep, ...), SD3's transformer with keywords only
         if self._inside:
             return self._orig(*args, **kwargs)
-        if self._context is not None:
+        if self._context in ("cond", "uncond"):  # one branch per call ("cond_uncond" is batched)
             return self._separate_call(args, kwargs)
         pos_w, neg_w = self.branch_weights(False), self.branch_weights(True)
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         n = sample.shape[0]
-        cfg_on = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
+        cfg_on = self._batched_cfg() and n % 2 == 0
         cfg_on = cfg_on and kwargs.get("skip_layers") is None  # SD3's skip-layer pass: conditional only
         if not cfg_on or (pos_w == neg_w and self.rule is None):
             # identical branches: one batched call, as diffusers does
@@ -156,6 +156,14 @@ class NPOGuidance:
             pos = self._ruled_positive(neg, pos, _split(sample, n, 1), _split(timestep, n, 1))
         both = torch.cat([neg, pos])
         return (both,) if tuple_out else type(out)(sample=both)
+
+    def _batched_cfg(self) -> bool:
+        """Whether the pipeline is running CFG now; pipelines without ``do_classifier_free_guidance``
+        (CogVideoX) decide it as ``guidance_scale > 1``, which they keep as ``_guidance_scale``."""
+        on = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if on is None:
+            on = float(getattr(self.pipe, "_guidance_scale", None) or 1.0) > 1.0
+        return bool(on)
 
     def _separate_call(self, args, kwargs):
         """One branch of a pipeline that calls the network once per branch: the call inside

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 
 def family(pipe) -> str:
-    """``sd`` (SD1.5 / SDXL types), ``sd3``, ``flux`` or ``wan`` for a diffusers pipeline."""
+    """``sd`` (SD1.5 / SDXL types), ``sd3``, ``flux``, ``wan`` or ``cogvideox`` for a diffusers pipeline."""
     name = type(pipe).__name__
-    for prefix, fam in (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("Wan", "wan")):
+    prefixes = (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("Wan", "wan"), ("CogVideoX", "cogvideox"))
+    for prefix, fam in prefixes:
         if name.startswith(prefix):
             return fam
     return "sd"
@@ -31,7 +32,7 @@ def model_for(pipe, uncond_mode: str = "auto", resolution: int | None = None, fr
 
     ``resolution`` fixes the time shift of resolution-dependent schedules (Flux) and the default
     size of families without one in their config (Flux, Wan); ``frames`` the clip length of video
-    families (Wan). Other families ignore them.
+    families (Wan, CogVideoX). Other families ignore them.
     """
     fam = family(pipe)
     if fam == "sd3":
@@ -46,6 +47,10 @@ def model_for(pipe, uncond_mode: str = "auto", resolution: int | None = None, fr
         from .wan import WanModel
 
         return WanModel(pipe, uncond_mode, resolution, frames)
+    if fam == "cogvideox":
+        from .cogvideox import CogVideoXModel
+
+        return CogVideoXModel(pipe, uncond_mode, resolution, frames)
     from .sd import DiffusionModel
 
     return DiffusionModel(pipe, uncond_mode)

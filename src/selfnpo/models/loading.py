@@ -16,6 +16,7 @@ SUPPORTED = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
     "WanPipeline": "wan",
+    "CogVideoXPipeline": "cogvideox",
 }
 
 

@@ -378,3 +378,65 @@ def build_tiny_wan_pipeline(tokenizer_dir: str | Path, seed: int = 0, two_expert
         transformer_2=transformer(seed + 5) if two_experts else None,
         boundary_ratio=0.875 if two_experts else None,
     )
+
+
+def build_tiny_cogvideox_pipeline(tokenizer_dir: str | Path, seed: int = 0, rotary: bool = True):
+    """A random-weight ``CogVideoXPipeline`` (sizes from diffusers' own CogVideoX pipeline tests)
+    with CogVideoX's own zero-terminal-SNR v-prediction DDIM scheduler (CogVideoX-2b's settings);
+    ``rotary`` gives the 5B type's 3-D rotary position embeddings."""
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,  # 3-D rotary embeddings need head_dim / 8 * 3 even
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=1,
+        sample_width=2,
+        sample_height=2,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=226,  # the pipeline's default prompt length
+        use_rotary_positional_embeddings=rotary,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    sched = CogVideoXDDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+    )
+    return CogVideoXPipeline(
+        tokenizer=tok,
+        text_encoder=_tiny_t5(len(tok), 32, seed + 3),
+        vae=vae,
+        transformer=transformer,
+        scheduler=sched,
+    )
