@@ -21,7 +21,7 @@ def _run(capsys, *argv):
 def _bad_model_folder(tmp_path):
     d = tmp_path / "flux"
     d.mkdir()
-    (d / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
     return str(d)
 
 
@@ -48,7 +48,7 @@ TRAIN_CASES = {
     ),
     "unsupported pipeline class": (
         lambda t, m, p: ["--model", _bad_model_folder(t), "--prompts", p],
-        "FluxPipeline is not supported",
+        "HunyuanVideoPipeline is not supported",
     ),
     "hub id while offline": (
         lambda t, m, p: ["--model", "someone/some-model", "--prompts", p],

@@ -202,3 +202,23 @@ def test_other_families_and_distilled_models_are_one_line_errors(tiny_flux, flux
         with pytest.raises(SelfNPOError, match="another model family|timestep-distilled") as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_generate_runs_true_cfg_so_the_offset_acts(tiny_flux, flux_lora, tmp_path):
+    from PIL import Image
+
+    from selfnpo.generate import GenerateConfig, generate
+
+    kw = dict(
+        model=tiny_flux, prompt="a red circle", steps=2, resolution=RES, device="cpu", guidance_scale=4.0
+    )
+    a = generate(
+        GenerateConfig(**kw, negative_offset=str(flux_lora), output_dir=str(tmp_path / "a")), progress=False
+    )
+    b = generate(
+        GenerateConfig(**kw, negative_offset=str(flux_lora), beta=0.0, output_dir=str(tmp_path / "b")),
+        progress=False,
+    )
+    im_a = np.asarray(Image.open(tmp_path / "a" / a[0]["file"]), dtype=np.float32)
+    im_b = np.asarray(Image.open(tmp_path / "b" / b[0]["file"]), dtype=np.float32)
+    assert im_a.shape == (RES, RES, 3) and np.abs(im_a - im_b).max() > 0

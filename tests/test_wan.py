@@ -180,3 +180,49 @@ def test_other_families_and_two_expert_wan_are_one_line_errors(
         with pytest.raises(SelfNPOError, match=match) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "gif"])
+def test_generate_writes_videos(tiny_wan, wan_lora, tmp_path, fmt):
+    from PIL import Image
+
+    from selfnpo.generate import GenerateConfig, generate
+
+    kw = dict(model=tiny_wan, prompt="a red circle", steps=2, num_images_per_prompt=2, device="cpu")
+    kw.update(resolution=RES, frames=FRAMES, guidance_scale=5.0, video_format=fmt)
+    jobs = generate(
+        GenerateConfig(**kw, negative_offset=str(wan_lora), output_dir=str(tmp_path / "a")), progress=False
+    )
+    files = [tmp_path / "a" / j["file"] for j in jobs]
+    assert [f.suffix for f in files] == [f".{fmt}"] * 2 and all(f.is_file() for f in files)
+    if fmt == "gif":
+        im = Image.open(files[0])
+        assert im.size == (RES, RES) and im.n_frames == FRAMES
+    else:
+        import imageio_ffmpeg
+
+        reader = imageio_ffmpeg.read_frames(str(files[0]))
+        meta = next(reader)
+        assert tuple(meta["size"]) == (RES, RES) and sum(1 for _ in reader) == FRAMES
+    # resuming skips what exists; beta 0 writes other videos than beta 1 with the same seeds
+    generate(
+        GenerateConfig(**kw, output_dir=str(tmp_path / "a"), negative_offset=str(wan_lora), resume=True),
+        progress=False,
+    )
+    generate(
+        GenerateConfig(**kw, output_dir=str(tmp_path / "b"), negative_offset=str(wan_lora), beta=0.0),
+        progress=False,
+    )
+    assert files[0].read_bytes() != (tmp_path / "b" / jobs[0]["file"]).read_bytes()
+
+
+def test_video_falls_back_to_gif_without_imageio_ffmpeg(monkeypatch):
+    import importlib.util
+
+    from selfnpo import video
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "imageio_ffmpeg" else real(n, *a)
+    )
+    assert video.video_format("mp4") == "gif" and video.video_format("gif") == "gif"

@@ -1,5 +1,9 @@
 """Batch generation with NPO guidance through the model's own diffusers pipeline.
 
+Video pipelines (Wan, CogVideoX) write one mp4 (or GIF) per sample instead of a PNG. Flux.1-dev
+runs its negative branch only under true CFG: ``--guidance-scale`` is then true CFG's scale and
+``--distilled-guidance`` the guidance embedding both of its calls get.
+
 Image ``i`` (prompt ``i // n``, repeat ``i % n``) always uses seed ``seed + i``, so a resumed or
 re-batched job produces the same set. Every image is written atomically; a killed job re-run
 with ``--resume`` skips the images that exist.
@@ -57,6 +61,14 @@ class GenerateConfig:
     num_images_per_prompt: int = opt(1, "images per prompt")
     batch_size: int = opt(8, "images per pipeline call")
     seed: int = opt(0, "image i uses seed + i")
+    distilled_guidance: float = opt(
+        3.5, "Flux.1-dev: the guidance embedding both branches get (--guidance-scale is true CFG's scale)"
+    )
+    frames: int = opt(0, "video pipelines: frames per video (0 = the pipeline's default)")
+    fps: int = opt(0, "video pipelines: frame rate of the written files (0 = Wan 16, CogVideoX 8)")
+    video_format: str = opt(
+        "mp4", "video pipelines: mp4 (needs imageio-ffmpeg; falls back to gif) or gif", choices=("mp4", "gif")
+    )
     resolution: int = opt(0, "image size (0 = the model's default)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     dtype: str = opt("auto", "auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
@@ -83,6 +95,8 @@ class GenerateConfig:
             ),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
             (0.0 <= self.r0_eta <= 1.0, "--r0-eta must be in [0, 1]"),
+            (self.frames >= 0 and self.fps >= 0, "--frames and --fps must be >= 0"),
+            (self.video_format in ("mp4", "gif"), "--video-format must be mp4 or gif"),
             (
                 abs(self.alpha) <= 10 and abs(self.beta) <= 10,
                 "--alpha and --beta must be in [-10, 10]",
@@ -110,8 +124,9 @@ def _prepare_output(cfg: GenerateConfig) -> Path:
             raise SelfNPOError(
                 f"{out}: exists and was not written by selfnpo generate; refusing to overwrite"
             )
-        for f in out.glob("*.png"):
-            f.unlink()
+        for pattern in ("*.png", "*.mp4", "*.gif"):
+            for f in out.glob(pattern):
+                f.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(manifest, json.dumps(mine, indent=2))
@@ -132,8 +147,10 @@ def generate(
     import diffusers
     from tqdm.auto import tqdm
 
+    from .models import family
     from .models.loading import load_pipeline, resolve_model_class
     from .npo import NPOGuidance
+    from .video import FPS, video_format, write_video
 
     cfg.validate()
     prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts)
@@ -143,6 +160,7 @@ def generate(
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
     flow = type(pipe.scheduler).__name__.startswith("FlowMatch")
+    flow = flow or bool(pipe.scheduler.config.get("use_flow_sigmas", False))  # Wan's flow UniPC
     if cfg.scheduler and cfg.scheduler.startswith("FlowMatch") != flow:
         kind = "a flow-matching" if flow else "a diffusion (VP)"
         raise SelfNPOError(f"--scheduler {cfg.scheduler} does not fit {type(pipe).__name__}, {kind} model")
@@ -164,9 +182,11 @@ def generate(
             beta=cfg.beta,
         )
     )
+    fam = family(pipe)
+    ext = video_format(cfg.video_format) if fam in FPS else "png"
     n = cfg.num_images_per_prompt
     jobs = [
-        {"index": i, "prompt": prompts[i // n], "seed": cfg.seed + i, "file": f"{i:05d}.png"}
+        {"index": i, "prompt": prompts[i // n], "seed": cfg.seed + i, "file": f"{i:05d}.{ext}"}
         for i in range(len(prompts) * n)
     ]
     # Batches are aligned to absolute indices so that a resumed job runs the same batches
@@ -180,21 +200,41 @@ def generate(
         for chunk in todo:
             gens = [torch.Generator(dev).manual_seed(j["seed"]) for j in chunk]
             kw = dict(negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None)
+            kw.update(_family_kwargs(cfg, fam, len(chunk)))
             kw.update(call_kwargs(chunk) if call_kwargs else {})
-            images = pipe(
+            result = pipe(
                 [j["prompt"] for j in chunk],
-                guidance_scale=cfg.guidance_scale,
                 num_inference_steps=cfg.steps,
                 generator=gens,
                 height=res,
                 width=res,
                 **kw,
-            ).images
+            )
+            images = result.frames if ext != "png" else result.images
             for j, im in zip(chunk, images, strict=True):
                 if (out / j["file"]).is_file():
+                    continue
+                if ext != "png":
+                    write_video(im, out / j["file"], cfg.fps or FPS[fam], ext)
                     continue
                 with atomic_path(out / j["file"]) as tmp:
                     im.save(tmp, format="PNG")
             bar.update(len(chunk))
     atomic_write_text(out / "images.jsonl", "".join(json.dumps(j) + "\n" for j in jobs))
     return jobs
+
+
+def _family_kwargs(cfg: GenerateConfig, fam: str, n: int) -> dict:
+    """Pipeline arguments that differ by family: Flux's true CFG, video length and output type."""
+    if fam == "flux":
+        # true CFG (the only negative branch Flux has) needs a negative prompt, the empty one by default
+        neg = [cfg.negative_prompt] * n
+        return dict(
+            guidance_scale=cfg.distilled_guidance, true_cfg_scale=cfg.guidance_scale, negative_prompt=neg
+        )
+    kw: dict = {"guidance_scale": cfg.guidance_scale}
+    if fam in ("wan", "cogvideox"):
+        kw["output_type"] = "np"
+        if cfg.frames:
+            kw["num_frames"] = cfg.frames
+    return kw
