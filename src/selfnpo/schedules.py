@@ -187,6 +187,8 @@ def schedule_for(scheduler, image_seq_len: int | None = None) -> Schedule:
     name = type(scheduler).__name__
     cfg = scheduler.config
     T = int(cfg.get("num_train_timesteps", 1000))
+    if cfg.get("shift_terminal"):
+        raise ValueError(f"{name} with shift_terminal (stretched terminal sigmas) is not supported")
     if name.startswith("FlowMatch"):
         if cfg.get("use_dynamic_shifting", False):
             if image_seq_len is None:
