@@ -19,6 +19,7 @@ from selfnpo.models import model_for
 from selfnpo.models.flux import FluxModel
 from selfnpo.models.loading import load_pipeline, resolve_model_class
 from selfnpo.npo import NPOGuidance
+from selfnpo.rewards import register_reward
 from selfnpo.schedules import FlowSchedule
 from selfnpo.training.offset import STUDENT, TEACHER
 
@@ -120,7 +121,21 @@ def test_tdft_changes_only_the_student_adapter(tiny_flux, prompts_file, tmp_path
     assert meta["family"] == "flux" and meta["objective"] == "tdft"
 
 
-@pytest.mark.parametrize("objective,kw", [("full_sim", {}), ("diffusion", {"source": "self"})])
+@register_reward("test_flux_small")
+def _small(device):
+    return lambda images, prompts: 1e-3 * (images**2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize(
+    "objective,kw",
+    [
+        ("full_sim", {}),
+        ("diffusion", {"source": "self"}),
+        ("ddspo", {"ddspo_variant": "paired", "ddspo_loser_steps": 2}),
+        ("reward_npo", {"reward": "test_flux_small", "reward_steps": 2}),
+        ("r0_plus", {"r0_rewards": "test_flux_small:1", "r0_steps": 2}),
+    ],
+)
 def test_other_objectives_run(tiny_flux, prompts_file, tmp_path, objective, kw):
     res = train_tiny(
         tiny_flux,

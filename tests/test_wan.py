@@ -105,7 +105,14 @@ def test_tdft_changes_only_the_student_adapter(tiny_wan, prompts_file, tmp_path)
     assert json.loads((res.offset_path.parent / "selfnpo_offset.json").read_text())["family"] == "wan"
 
 
-@pytest.mark.parametrize("objective,kw", [("full_sim", {}), ("diffusion", {"source": "self"})])
+@pytest.mark.parametrize(
+    "objective,kw",
+    [
+        ("full_sim", {}),
+        ("diffusion", {"source": "self"}),
+        ("ddspo", {"ddspo_variant": "paired", "ddspo_loser_steps": 2}),
+    ],
+)
 def test_other_objectives_run(tiny_wan, prompts_file, tmp_path, objective, kw):
     res = train_tiny(tiny_wan, tmp_path / "run", prompts_file, objective=objective, **KW, **kw)
     assert np.isfinite(res.final_loss) and res.offset_path.is_file()
