@@ -74,7 +74,9 @@ class TrainConfig:
     batch_size: int = opt(4, "prompts per step per process")
     grad_accum: int = opt(1, "gradient accumulation steps")
     resolution: int = opt(0, "image resolution (0 = the model's default)")
-    frames: int = opt(0, "video families (Wan): frames per training clip (0 = the pipeline's default, 81)")
+    frames: int = opt(
+        0, "video families: frames per training clip (0 = the pipeline's default: Wan 81, CogVideoX 49)"
+    )
     mixed_precision: str = opt("no", "no, fp16 or bf16 (through accelerate)", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
