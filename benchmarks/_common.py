@@ -375,3 +375,42 @@ def print_table(headers: list[str], rows: list[list]) -> None:
         )
         if j == 0:
             print("  ".join("-" * w for w in widths))
+
+
+# ---- the paired instrument in markdown tables (docs/evaluation.md) ----------------------------
+PAIRED_HEADER = [
+    "reward diff",
+    "reward MDE",
+    "strict alignment diff",
+    "alignment MDE",
+    "KID diff",
+    "KID MDE",
+    "n",
+    "verdict",
+]
+
+
+def fmt_ci(ci) -> str:
+    """'mean [lo, hi]' with signs, 3 significant digits; '-' for None."""
+    return "-" if ci is None else f"{ci[0]:+.3g} [{ci[1]:+.3g}, {ci[2]:+.3g}]"
+
+
+def paired_cells(row: dict) -> list[str]:
+    """The PAIRED_HEADER cells of a summary row (``EvalBench.summary``) vs its base: each paired
+    difference with its 95% interval and minimum detectable difference, n and the verdict; '-'
+    for a row without a base."""
+    p = row.get("paired")
+    if not p:
+        return ["-"] * (len(PAIRED_HEADER) - 1) + ["reference"]
+    cells = []
+    for key in ("reward", "alignment", "kid"):
+        cells += [fmt_ci(p[key]["diff"]), f"{p[key]['mde']:.3g}"]
+    return [*cells, str(p["reward"]["n"]), row["verdict_word"]]
+
+
+def markdown_row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown_header(cols: list[str]) -> str:
+    return markdown_row(cols) + "\n|" + "---|" * len(cols)

@@ -3,7 +3,8 @@
 Both train a LoRA negative offset for the shipped world model from prompts only; the baseline
 gets as many steps as fit in the wall time TDFT used (calibrated on two steps, then resumed, so
 its run is one uninterrupted run). Each offset is then scored on held-out prompts with the same
-seeds as the base model, over a grid of guidance scales and betas. Extra ``--set KEY=VALUE``
+seeds as the base model, over a grid of guidance scales and betas, on the validation split
+(``--split test`` to report), with the paired differences of docs/evaluation.md. Extra ``--set KEY=VALUE``
 options override TrainConfig fields of the Self-NPO run (for the ablations in BENCHMARKS.md).
 
     python benchmarks/world_compare.py --output runs/compare
@@ -13,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
 
 from selfnpo.demo import DemoConfig, EvalBench, train_to
 from selfnpo.io import atomic_write_text
@@ -67,6 +73,7 @@ def main() -> None:
     ap.add_argument("--output", default="runs/world-compare")
     ap.add_argument("--model", default="", help="diffusers folder (default: the embedded world model)")
     ap.add_argument("--train-steps", type=int, default=200)
+    ap.add_argument("--split", default="validation", choices=("validation", "test"))
     ap.add_argument("--eval-prompts", type=int, default=128)
     ap.add_argument("--sample-steps", type=int, default=10)
     ap.add_argument("--guidance-scales", default="1.5,3,5")
@@ -85,6 +92,7 @@ def main() -> None:
     cfg = DemoConfig(
         output=a.output,
         train_steps=a.train_steps,
+        split=a.split,
         eval_prompts=a.eval_prompts,
         lr=a.lr,
         seed=a.seed,
@@ -122,13 +130,25 @@ def main() -> None:
         "total_wall_s": time.perf_counter() - t0,
     }
     atomic_write_text(out / "compare.json", json.dumps(result, indent=2))
-    print("| method | g | beta | alignment | reward | Frechet | reward win rate vs base |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"{len(bench.prompts)} prompts of the {cfg.split} split, {cfg.sample_steps} DDIM steps")
+    print(
+        C.markdown_header(
+            ["method", "g", "beta", "alignment", "reward", "KID", "reward win rate vs base", *C.PAIRED_HEADER]
+        )
+    )
     for r in rows:
         wr = _fmt(r["win_rate_reward"]) if "win_rate_reward" in r else "-"
         print(
-            f"| {r['method']} | {r['guidance_scale']:g} | {r['beta']:g} | {_fmt(r['alignment'])} | "
-            f"{_fmt(r['reward'])} | {_fmt(r['frechet'])} | {wr} |"
+            C.markdown_row(
+                [
+                    r["method"],
+                    f"{r['guidance_scale']:g}",
+                    f"{r['beta']:g}",
+                    _fmt(r["alignment"]),
+                    _fmt(r["reward"]),
+                ]
+                + [_fmt(r["kid"]), wr, *C.paired_cells(r)]
+            )
         )
     for m, r in runs.items():
         print(f"{m}: {r['steps']} steps, {r['wall_time_s']:.0f} s, {r['network_evals']} network evaluations")

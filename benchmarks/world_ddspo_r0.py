@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
 
 from selfnpo.demo import DemoConfig, EvalBench, train_to
 from selfnpo.io import atomic_write_text
@@ -146,12 +151,26 @@ def main() -> None:
         "total_wall_s": time.perf_counter() - t0,
     }
     atomic_write_text(out / "ddspo_r0.json", json.dumps(result, indent=2))
-    print("| setting | alignment | reward | Frechet | reward win rate | vs |")
-    print("|---|---|---|---|---|---|")
+    print(f"{len(bench.prompts)} prompts of the {cfg.split} split; paired columns compare with 'vs'")
+    print(
+        C.markdown_header(
+            ["setting", "alignment", "reward", "KID", "reward win rate", "vs", *C.PAIRED_HEADER]
+        )
+    )
     for r in rows:
         wr = _fmt(r["win_rate_reward"]) if "win_rate_reward" in r else "-"
         print(
-            f"| {r['row']} | {_fmt(r['alignment'])} | {_fmt(r['reward'])} | {_fmt(r['frechet'])} | {wr} | {r['vs']} |"
+            C.markdown_row(
+                [
+                    r["row"],
+                    _fmt(r["alignment"]),
+                    _fmt(r["reward"]),
+                    _fmt(r["kid"]),
+                    wr,
+                    r["vs"],
+                    *C.paired_cells(r),
+                ]
+            )
         )
     for m, r in runs.items():
         print(f"{m}: {r['steps']} steps, {r['wall_time_s']:.0f} s, {r['network_evals']} network evaluations")

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
 
 from selfnpo.demo import DemoConfig, EvalBench, train_to
 from selfnpo.evaluation.report import Grid, Report, Table, write_report
@@ -114,23 +119,24 @@ def _report(folder: Path, result: dict, bench: EvalBench, g: float) -> None:
         "setting",
         "alignment",
         "reward",
-        "Frechet",
+        "KID",
         "reward win rate vs base",
         "wall time (s)",
         "network evals",
+        *C.PAIRED_HEADER,
     ]
     rows = []
     for r in result["rows"]:
         wr = _fmt(r["win_rate_reward"]) if "win_rate_reward" in r else "-"
         rows.append(
-            [r["setting"], _fmt(r["alignment"]), _fmt(r["reward"]), _fmt(r["frechet"]), wr]
-            + [round(r["train_wall_time_s"]), r["train_network_evals"]]
+            [r["setting"], _fmt(r["alignment"]), _fmt(r["reward"]), _fmt(r["kid"]), wr]
+            + [round(r["train_wall_time_s"]), r["train_network_evals"], *C.paired_cells(r)]
         )
     n = min(8, len(bench.prompts))
     images = np.stack([bench.images[(name,)][:n] for name, _, _ in ROWS], axis=1)
     a = result["args"]
     text = (
-        f"Held-out prompts ({result['eval_prompts']}), one image per prompt and setting, the same seeds "
+        f"Prompts of the {bench.split} split ({result['eval_prompts']}), one image per prompt and setting, the same seeds "
         f"for every setting, g = {g:g}, {a['sample_steps']} DDIM steps; alpha = {a['alpha']:g} when a "
         f"positive and a negative offset are combined, beta = {a['beta']:g}. Intervals: 95% bootstrap. "
         "Training cost includes building the preference pairs for the settings that use them."
@@ -197,15 +203,16 @@ def main() -> None:
     atomic_write_text(out / "table.json", json.dumps(result, indent=2))
     _report(out / "report", result, bench, g)
     print(f"g = {g:g}, alpha = {a.alpha:g} (when both offsets are used), beta = {a.beta:g}")
-    print(
-        "| setting | alignment | reward | Frechet | reward win rate vs base | training wall time | network evals |"
-    )
-    print("|---|---|---|---|---|---:|---:|")
+    print(f"{len(bench.prompts)} prompts of the {cfg.split} split")
+    cols = ["setting", "alignment", "reward", "KID", "reward win rate vs base", "training wall time"]
+    print(C.markdown_header([*cols, "network evals", *C.PAIRED_HEADER]))
     for r in rows:
         wr = _fmt(r["win_rate_reward"]) if "win_rate_reward" in r else "-"
         print(
-            f"| {r['setting']} | {_fmt(r['alignment'])} | {_fmt(r['reward'])} | {_fmt(r['frechet'])} | {wr} "
-            f"| {r['train_wall_time_s']:.0f} s | {r['train_network_evals']:,} |"
+            C.markdown_row(
+                [r["setting"], _fmt(r["alignment"]), _fmt(r["reward"]), _fmt(r["kid"]), wr]
+                + [f"{r['train_wall_time_s']:.0f} s", f"{r['train_network_evals']:,}", *C.paired_cells(r)]
+            )
         )
     p = runs["pairs"]
     print(

@@ -18,6 +18,14 @@ from selfnpo.evaluation.stats import (
     bootstrap_mean_ci,
     frechet_ci,
     frechet_distance,
+    kid,
+    kid_ci,
+    kid_comparison,
+    kid_diff_ci,
+    mde_factor,
+    min_detectable_diff,
+    outcome,
+    paired_comparison,
     paired_diff_ci,
     win_rate,
 )
@@ -149,6 +157,133 @@ def test_paired_diff_sign_and_pairing_beats_unpaired():
     assert b_lo < a_hi
 
 
+# ---------------------------------------------------------------------------------------------
+# Paired comparison and minimum detectable difference
+
+
+def test_paired_interval_covers_a_known_shift():
+    # a = b + 0.3 + noise on the same prompts: the paired interval should cover 0.3 in about 95%
+    # of runs and exclude 0 (the shift is far above the MDE of n = 60 pairs).
+    rng = np.random.default_rng(20)
+    hits = excl = 0
+    for i in range(200):
+        b = rng.normal(0.0, 5.0, 60)
+        a = b + 0.3 + rng.normal(0.0, 0.4, 60)
+        c = paired_comparison(a, b, n_boot=400, seed=i)
+        hits += c["diff"][1] <= 0.3 <= c["diff"][2]
+        excl += c["outcome"] == "better"
+        assert c["n"] == 60 and c["diff"][0] == pytest.approx(np.mean(a - b))
+    assert 0.88 <= hits / 200 <= 0.99
+    assert excl == 200
+
+
+def test_mde_is_2_8_standard_errors_and_scales_as_one_over_sqrt_n():
+    assert mde_factor() == pytest.approx(1.959964 + 0.841621, abs=1e-5)
+    pattern = np.array([-1.0, 0.5, 2.0, -0.25])
+    small, large = np.tile(pattern, 25), np.tile(pattern, 400)  # n = 100 and 1600, same shape
+    for d in (small, large):
+        assert min_detectable_diff(d) == pytest.approx(
+            mde_factor() * d.std(ddof=1) / np.sqrt(d.size), rel=1e-12
+        )
+    ratio = min_detectable_diff(large) / min_detectable_diff(small)
+    assert ratio == pytest.approx(0.25, rel=0.01)  # 16x the pairs: a 4x smaller MDE
+    assert min_detectable_diff([1.0]) == float("inf")
+    # Every pair tied: 0 unless a resolution says what one disagreeing pair would be worth.
+    assert min_detectable_diff(np.zeros(64)) == 0.0
+    assert min_detectable_diff(np.zeros(64), resolution=1.0) == pytest.approx(mde_factor() / 64)
+
+
+def test_mde_power_is_about_80_percent():
+    # A true shift equal to the MDE is detected in about 80% of runs.
+    rng = np.random.default_rng(21)
+    n, sd = 80, 1.0
+    shift = mde_factor() * sd / np.sqrt(n)
+    found = sum(
+        paired_comparison(rng.normal(shift, sd, n), np.zeros(n), n_boot=400, seed=i)["outcome"] == "better"
+        for i in range(300)
+    )
+    assert 0.70 <= found / 300 <= 0.90
+
+
+def test_paired_comparison_lower_is_better_and_outcomes():
+    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 3.0, 4.0, 5.0])
+    c = paired_comparison(a, b, higher_is_better=False)
+    assert c["outcome"] == "better" and c["win_rate"][0] == 1.0 and c["diff"][0] == -1.0
+    assert paired_comparison(a, b)["outcome"] == "worse"
+    assert outcome(-0.1, 0.2) == "no detectable difference"
+    assert outcome(0.1, 0.2, higher_is_better=False) == "worse"
+
+
+# ---------------------------------------------------------------------------------------------
+# KID
+
+
+def test_kid_matches_the_u_statistic_written_out():
+    rng = np.random.default_rng(22)
+    x, y = rng.normal(size=(7, 3)), rng.normal(size=(9, 3)) + 0.5
+
+    def k(u, v):
+        return (u @ v / 3 + 1) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    assert kid(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+    assert kid(x, y) == pytest.approx(kid(y, x), rel=1e-12)
+
+
+def test_kid_is_unbiased_for_equal_distributions_and_does_not_drift_with_n():
+    # Mean over replicates ~0 at every n, while the Frechet distance's mean falls like 1/n.
+    rng = np.random.default_rng(23)
+    d = 8
+    means, fds = {}, {}
+    for n in (12, 48, 192):
+        reps = 400 if n < 192 else 100
+        vals = [kid(rng.normal(size=(n, d)), rng.normal(size=(n, d))) for _ in range(reps)]
+        se = np.std(vals, ddof=1) / np.sqrt(reps)
+        means[n] = np.mean(vals)
+        assert abs(means[n]) < 3.5 * se
+        fds[n] = np.mean(
+            [frechet_distance(rng.normal(size=(n, d)), rng.normal(size=(n, d))) for _ in range(30)]
+        )
+    assert fds[12] > 3 * fds[192]
+
+
+def test_kid_grows_with_a_mean_shift_and_its_interval_excludes_zero():
+    rng = np.random.default_rng(24)
+    d, n = 6, 300
+    real = rng.normal(size=(n, d))
+    values = [kid(rng.normal(size=(n, d)) + s, real) for s in (0.0, 0.25, 0.5, 1.0)]
+    assert values == sorted(values) and values[-1] > 10 * abs(values[0])
+    est, lo, hi = kid_ci(rng.normal(size=(n, d)) + 0.5, real, n_boot=200, seed=1)
+    assert 0 < lo <= est <= hi
+    x = rng.normal(size=(50, d))
+    assert kid_ci(x, real, n_boot=50, seed=3) == kid_ci(x, real, n_boot=50, seed=3)
+
+
+def test_kid_paired_difference():
+    rng = np.random.default_rng(25)
+    d, n = 6, 200
+    real = rng.normal(size=(500, d))
+    base = rng.normal(size=(n, d))
+    worse = base + 0.6  # same rows moved away from the real distribution
+    c = kid_comparison(worse, base, real, n_boot=300, seed=0)
+    assert c["diff"][0] == pytest.approx(kid(worse, real) - kid(base, real), rel=1e-9)
+    assert c["kid"] == pytest.approx(kid(worse, real)) and c["base_kid"] == pytest.approx(kid(base, real))
+    assert c["diff"][1] > 0 and c["outcome"] == "worse" and c["mde"] < c["diff"][0]
+    assert c["n"] == n and c["n_real"] == 500
+    # A setting identical to its base: difference exactly 0, interval [0, 0].
+    assert kid_diff_ci(base, base, real, n_boot=50) == (0.0, 0.0, 0.0)
+    # Sharing the resample makes the paired interval narrower than the two separate ones.
+    near = base + 0.02 * rng.normal(size=base.shape)
+    _, lo, hi = kid_diff_ci(near, base, real, n_boot=300)
+    _, lo_a, hi_a = kid_ci(near, real, n_boot=300)
+    assert hi - lo < 0.5 * (hi_a - lo_a)
+    with pytest.raises(ValueError):
+        kid_comparison(base[:10], base, real)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -163,6 +298,10 @@ def test_paired_diff_sign_and_pairing_beats_unpaired():
         lambda: frechet_distance(np.zeros((0, 3)), np.zeros((5, 3))),
         lambda: frechet_distance(np.zeros((5, 3)), np.zeros((5, 4))),
         lambda: frechet_ci(np.zeros((1, 3)), np.zeros((5, 3))),
+        lambda: kid(np.zeros((5, 3)), np.zeros((5, 4))),
+        lambda: kid(np.zeros((1, 3)), np.zeros((5, 3))),
+        lambda: kid_ci(np.zeros((5, 3)), np.zeros((5, 3)), n_boot=0),
+        lambda: paired_comparison([1.0, 2.0], [1.0]),
     ],
 )
 def test_invalid_inputs_raise_value_error(call):

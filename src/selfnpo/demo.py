@@ -1,8 +1,14 @@
 """``selfnpo demo``: Self-NPO end to end on the embedded world model, with an honest report.
 
-Data-free Self-NPO training (prompts only) on training-split captions; generation on held-out
-captions with and without the negative offset at the same seeds; alignment, reward, Frechet
-distance and win rates with bootstrap intervals; ``report.html``, ``metrics.json``, ``grid.png``.
+Data-free Self-NPO training (prompts only) on training-split captions; generation on the
+``validation`` split (held-out attribute combinations; ``--split test`` for reporting) with and
+without the negative offset at the same seeds; for every metric the paired difference from the
+base with its bootstrap interval, the win rate, n and the minimum detectable difference, KID
+against real renders, and a one-line verdict per setting; ``report.html``, ``metrics.json``,
+``grid.png``.
+
+The hyper-parameter defaults live in :class:`DemoConfig` (they are chosen on the validation
+split; see benchmarks/world_tune.py).
 """
 
 from __future__ import annotations
@@ -33,13 +39,19 @@ class DemoConfig:
     lr: float = opt(1e-3, "LoRA learning rate")
     lora_rank: int = opt(8, "LoRA rank")
     pool_size: int = opt(64, "self-generated pool size")
-    eval_prompts: int = opt(64, "held-out prompts (one image each per setting)")
+    split: str = opt(
+        "validation",
+        "evaluation prompts: validation (choosing settings) or test (reporting chosen ones, once)",
+        choices=("validation", "test"),
+    )
+    eval_prompts: int = opt(64, "prompts of the split (one image each per setting)")
+    real_images: int = opt(1000, "real renders of the split as the KID and Frechet reference")
     sample_steps: int = opt(10, "DDIM sampling steps for evaluation")
     guidance_scales: str = opt("1.5,3,5", "comma-separated guidance scales g of the sweep")
     betas: str = opt("0.5,1", "comma-separated offset scales beta of the sweep (0 = base is always run)")
     default_guidance: float = opt(3.0, "guidance scale for the image grid and the training curve")
     curve_points: int = opt(3, "evaluations along training")
-    seed: int = opt(0, "seed of prompts, training and sampling")
+    seed: int = opt(0, "seed of training and of the bootstrap (the split fixes evaluation prompts and seeds)")
     overwrite: bool = opt(False, "replace an existing report folder")
 
     def resolved(self) -> DemoConfig:
@@ -51,6 +63,7 @@ class DemoConfig:
                 "train_steps": 6,
                 "pool_size": 8,
                 "eval_prompts": 8,
+                "real_images": 64,
                 "sample_steps": 4,
                 "guidance_scales": "3",
                 "betas": "1",
@@ -65,6 +78,7 @@ class DemoConfig:
             "batch_size",
             "pool_size",
             "eval_prompts",
+            "real_images",
             "sample_steps",
             "curve_points",
         ):
@@ -73,6 +87,8 @@ class DemoConfig:
         if not self.floats("guidance_scales") or any(g < 0 for g in self.floats("guidance_scales")):
             raise SelfNPOError("--guidance-scales must list non-negative numbers")
         self.floats("betas")
+        if self.split not in ("validation", "test"):
+            raise SelfNPOError("--split must be validation or test")
         return self
 
     def floats(self, field: str) -> list[float]:
@@ -118,19 +134,25 @@ def _prepare(cfg: DemoConfig) -> Path:
 
 
 class EvalBench:
-    """Held-out prompts, seeds, real-render features, and a cache of scored settings."""
+    """One split's prompts, seeds and real-render features, and a cache of scored settings.
+
+    The prompts and seeds are the first ``cfg.eval_prompts`` of ``cfg.split``
+    (:func:`selfnpo.world.splits.world_split`); the KID/Frechet reference is the classifier
+    features of the renders of the first ``max(cfg.real_images, cfg.eval_prompts)`` scenes of the
+    same split.
+    """
 
     def __init__(self, cfg: DemoConfig, pipe, classifier) -> None:
         from .evaluation.world_eval import real_features
-        from .world.captions import caption
-        from .world.render import sample_scene
+        from .world.splits import world_split
 
-        rng = np.random.default_rng(cfg.seed + 1)
-        self.scenes = [sample_scene(rng, "heldout") for _ in range(cfg.eval_prompts)]
-        self.prompts = [caption(s, rng) for s in self.scenes]
-        self.seeds = [cfg.seed * 100_000 + i for i in range(cfg.eval_prompts)]
+        split = world_split(cfg.split, cfg.eval_prompts)
+        self.split = cfg.split
+        self.scenes, self.prompts, self.seeds = split.scenes, split.prompts, split.seeds
         self.cfg, self.pipe, self.classifier = cfg, pipe, classifier
-        self.real = real_features(classifier, self.scenes)
+        self.real = real_features(
+            classifier, world_split(cfg.split, max(cfg.real_images, cfg.eval_prompts)).scenes
+        )
         self.images: dict[tuple, np.ndarray] = {}
         self.scores: dict[tuple, object] = {}
 
@@ -165,7 +187,10 @@ class EvalBench:
 
 def train_to(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int, source=None, **overrides):
     """Train (or continue) the run in ``run`` up to ``steps``; ``overrides`` are TrainConfig fields,
-    ``source`` an optional ready data source (e.g. a pool shared by several runs)."""
+    ``source`` an optional ready data source (e.g. a pool shared by several runs) or, given as a
+    string, the TrainConfig field of that name (self, images or noise)."""
+    if isinstance(source, str):
+        overrides["source"], source = source, None
     from .training.config import TrainConfig
     from .training.loop import train
 
@@ -209,8 +234,17 @@ def _training_curve(
         shutil.copytree(res.offset_path.parent, offset, dirs_exist_ok=True)
         bench.run(("npo", g, 1.0, p), g, offset, 1.0)
         curve.append({"step": p, **bench.summary(("npo", g, 1.0, p), ("base", g))})
-        progress(f"step {p}: alignment {curve[-1]['alignment'][0]:.3f}, reward {curve[-1]['reward'][0]:.3f}")
+        progress(f"step {p}: {_short(curve[-1])}")
     return curve, offset, cost
+
+
+def _short(row: dict) -> str:
+    """A progress line: paired reward and alignment differences vs the base, and the verdict."""
+    p = row["paired"]
+    return (
+        f"reward {p['reward']['diff'][0]:+.3f} [{p['reward']['diff'][1]:+.3f}, {p['reward']['diff'][2]:+.3f}], "
+        f"alignment {p['alignment']['diff'][0]:+.3f}, KID {p['kid']['diff'][0]:+.4f} vs base: {row['verdict']}"
+    )
 
 
 def _sweep(cfg: DemoConfig, bench: EvalBench, offset: Path, progress) -> list[dict]:
@@ -223,9 +257,7 @@ def _sweep(cfg: DemoConfig, bench: EvalBench, offset: Path, progress) -> list[di
             key = ("npo", g, b, cfg.train_steps) if b == 1.0 and g == cfg.default_guidance else ("npo", g, b)
             bench.run(key, g, offset, b)
             rows.append({"guidance_scale": g, "beta": b, **bench.summary(key, ("base", g))})
-            progress(
-                f"g={g} beta={b}: alignment {rows[-1]['alignment'][0]:.3f} vs {rows[-2 - 0]['alignment'][0]:.3f}"
-            )
+            progress(f"g={g:g} beta={b:g}: {_short(rows[-1])}")
     return rows
 
 
@@ -246,6 +278,13 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
     metrics = {
         "config": asdict(cfg),
         "model": model,
+        "split": bench.split,
+        "real_images": int(bench.real.shape[0]),
+        "verdicts": [
+            {"guidance_scale": r["guidance_scale"], "beta": r["beta"], "verdict": r["verdict"]}
+            for r in sweep
+            if "verdict" in r
+        ],
         "eval_prompts": bench.prompts,
         "seeds": bench.seeds,
         "training": cost,

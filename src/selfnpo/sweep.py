@@ -1,10 +1,10 @@
 """``selfnpo sweep``: NPO guidance over a grid of (alpha, beta, guidance scale), as heat maps.
 
 Every setting runs the conditional branch with ``theta + eta`` and the negative branch with
-``theta + alpha * eta + beta * delta`` (Diffusion-NPO eq. 10) on the same held-out world prompts
-and seeds, so settings are paired. Each is scored with the world metrics of ``selfnpo demo``
-(alignment, reward, Frechet distance, reward win rate over the reference ``alpha = beta = 0`` at
-the same g). The report shows one heat map per metric and panel, like Diffusion-NPO's
+``theta + alpha * eta + beta * delta`` (Diffusion-NPO eq. 10) on the same world prompts (the
+``validation`` split by default) and seeds, so settings are paired. Each is scored with the world
+metrics of ``selfnpo demo``: the paired reward difference from the reference ``alpha = beta = 0``
+at the same g, alignment, reward, KID and the reward win rate over the reference. The report shows one heat map per metric and panel, like Diffusion-NPO's
 hyper-parameter figure. Generated images are kept, so ``--resume`` skips finished settings.
 """
 
@@ -23,18 +23,21 @@ from .io import atomic_path, atomic_write_text
 from .training.config import opt
 
 METRICS = (  # key, label, higher is better
+    ("reward_diff", "reward difference vs alpha=beta=0 (paired)", True),
     ("alignment", "alignment accuracy", True),
     ("reward", "reward (log-lik.)", True),
-    ("frechet", "Frechet distance", False),
+    ("kid", "KID vs real renders", False),
     ("win_rate_reward", "reward win rate vs alpha=beta=0", True),
 )
+# Paired differences from the reference copied to the top level of each row: key -> paired key.
+PAIRED_KEYS = {"reward_diff": "reward", "alignment_diff": "alignment", "kid_diff": "kid"}
 _MANIFEST = "sweep_config.json"
 _RUN_ONLY = ("resume", "overwrite", "device", "layout")  # fields that do not change the numbers
 
 
 @dataclass
 class SweepConfig:
-    """Evaluate NPO guidance over a grid of (alpha, beta, guidance scale) on held-out world prompts."""
+    """Evaluate NPO guidance over a grid of (alpha, beta, guidance scale) on world prompts."""
 
     output: str = opt("sweep-output", "report folder")
     model: str = opt("", "diffusers model folder (default: the embedded world model)")
@@ -51,9 +54,14 @@ class SweepConfig:
         "auto (alpha-beta when several alphas are given)",
         choices=("auto", "beta-g", "alpha-beta"),
     )
-    eval_prompts: int = opt(32, "held-out prompts (one image each per setting)")
+    split: str = opt(
+        "validation",
+        "prompt split: validation (choosing settings) or test (reporting chosen ones, once)",
+        choices=("validation", "test"),
+    )
+    eval_prompts: int = opt(32, "prompts of the split (one image each per setting)")
     sample_steps: int = opt(10, "DDIM sampling steps")
-    seed: int = opt(0, "seed of prompts and sampling")
+    seed: int = opt(0, "seed of the bootstrap intervals (the split fixes prompts and sampling seeds)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     resume: bool = opt(False, "reuse the settings already generated in --output (same settings only)")
     overwrite: bool = opt(False, "replace an existing sweep folder")
@@ -174,13 +182,14 @@ def _report(cfg: SweepConfig, bench, out: Path, rows: list[dict], extra: dict) -
     maps, numbers = _heatmaps(cfg, rows)
     table = Table(
         "All settings (mean [95% bootstrap interval])",
-        ["alpha", "beta", "g", *(label for _, label, _ in METRICS)],
+        ["alpha", "beta", "g", *(label for _, label, _ in METRICS), "verdict"],
         [
             [
                 r["alpha"],
                 r["beta"],
                 r["guidance_scale"],
                 *(format_ci(*r[k]) if k in r else "-" for k, _, _ in METRICS),
+                r.get("verdict", "reference"),
             ]
             for r in rows
         ],
@@ -197,7 +206,8 @@ def _report(cfg: SweepConfig, bench, out: Path, rows: list[dict], extra: dict) -
         "Conditional branch: theta + eta; negative branch: theta + alpha*eta + beta*delta "
         "(Diffusion-NPO eq. 10). All settings share prompts and seeds, so they are paired; win rates "
         "compare with alpha = beta = 0 at the same guidance scale.",
-        f"{len(bench.prompts)} held-out prompts, {cfg.sample_steps} sampling steps; heat-map cells are means.",
+        f"{len(bench.prompts)} prompts of the {cfg.split} split, {cfg.sample_steps} sampling steps; heat-map "
+        "cells are means; paired differences and verdicts are docs/evaluation.md's.",
     ]
     metrics = {"config": asdict(cfg), **extra, "rows": rows, "heatmaps": numbers}
     report = Report("NPO hyper-parameter sweep", paragraphs, [table], [], [grid], maps, metrics)
@@ -223,7 +233,13 @@ def run_sweep(cfg: SweepConfig, progress=print) -> dict:
             offset_kind(src)  # missing or unreadable offsets fail before anything is written
     out = _prepare(cfg)
     pipe = load_pipeline(model, device=cfg.device, dtype="fp32")
-    bench_cfg = DemoConfig(eval_prompts=cfg.eval_prompts, sample_steps=cfg.sample_steps, seed=cfg.seed)
+    bench_cfg = DemoConfig(
+        split=cfg.split,
+        eval_prompts=cfg.eval_prompts,
+        real_images=max(cfg.eval_prompts, 256),
+        sample_steps=cfg.sample_steps,
+        seed=cfg.seed,
+    )
     bench = EvalBench(bench_cfg, pipe, load_classifier())
     npo = NPOGuidance(pipe, negative=cfg.negative, positive=cfg.positive or None)
     grid = [
@@ -240,7 +256,9 @@ def run_sweep(cfg: SweepConfig, progress=print) -> dict:
     rows = []
     for a, b, g in grid:
         ref = ("sweep", 0.0, 0.0, g)
-        rows.append({"alpha": a, "beta": b, "guidance_scale": g, **bench.summary(("sweep", a, b, g), ref)})
+        summary = bench.summary(("sweep", a, b, g), ref)
+        flat = {k: summary["paired"][v]["diff"] for k, v in PAIRED_KEYS.items() if "paired" in summary}
+        rows.append({"alpha": a, "beta": b, "guidance_scale": g, **summary, **flat})
         progress(f"alpha={a:g} beta={b:g} g={g:g}: alignment {rows[-1]['alignment'][0]:.3f}")
     extra = {
         "model": model,

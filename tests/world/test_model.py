@@ -115,8 +115,19 @@ def test_demo_quick_writes_a_well_formed_report(tmp_path, capsys):
             assert lo <= hi and np.isfinite(mean)
         assert 0.0 <= row["alignment"][0] <= 1.0
     assert {r["beta"] for r in m["sweep"]} == {0.0, 1.0}
+    assert m["split"] == "validation" and m["real_images"] == 64
+    npo = [r for r in m["sweep"] if r["beta"] != 0.0]
+    for row in npo + m["curve"]:  # paired differences vs the base, with n, win rate and MDE
+        for key in ("reward", "reward_01", "alignment", "attr_colour", "kid"):
+            c = row["paired"][key]
+            assert c["n"] == 8 and c["diff"][1] <= c["diff"][2] and c["mde"] >= 0
+        assert row["verdict_word"] in ("helps", "hurts", "mixed", "no detectable difference")
+    assert [v["verdict"] for v in m["verdicts"]] == [r["verdict"] for r in npo]
     html = (out / "report.html").read_text()
     assert "QUICK RUN" in html and (out / "grid.png").is_file()
+    assert (
+        html.index("Verdict per setting") < html.index("minimum detectable difference") < html.index("levels")
+    )
     assert cli.main(["demo", "--quick", "--quiet", "--output", str(out)]) == 2  # never overwritten silently
     assert "exists" in capsys.readouterr().err
 
