@@ -186,3 +186,24 @@ def test_an_offset_of_another_family_is_a_one_line_error(tiny_cog, cog_lora, tin
         with pytest.raises(SelfNPOError, match="another model family") as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_merged_offset_equals_the_lora_at_its_scale(tiny_cog, cog_lora, tmp_path):
+    from selfnpo.algebra import merge_offsets
+
+    merged = _load(str(merge_offsets(tiny_cog, [(str(cog_lora), 0.7)], tmp_path / "merged")))
+    ref = _load(tiny_cog)
+    ref.load_lora_weights(str(cog_lora), adapter_name="neg")
+    ref.set_adapters(["neg"], adapter_weights=[0.7])
+    g = torch.Generator().manual_seed(4)
+    kw = dict(
+        hidden_states=torch.randn(2, 3, 4, 2, 2, generator=g),
+        encoder_hidden_states=torch.randn(2, 226, 32, generator=g),
+        timestep=torch.full((2,), 400),
+        image_rotary_emb=ref._prepare_rotary_positional_embeddings(RES, RES, 3, "cpu"),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged.transformer(**kw)[0], ref.transformer(**kw)[0], rtol=1e-4, atol=1e-5
+        )

@@ -237,3 +237,27 @@ def test_generate_runs_true_cfg_so_the_offset_acts(tiny_flux, flux_lora, tmp_pat
     im_a = np.asarray(Image.open(tmp_path / "a" / a[0]["file"]), dtype=np.float32)
     im_b = np.asarray(Image.open(tmp_path / "b" / b[0]["file"]), dtype=np.float32)
     assert im_a.shape == (RES, RES, 3) and np.abs(im_a - im_b).max() > 0
+
+
+def test_merged_offset_equals_the_lora_at_its_scale(tiny_flux, flux_lora, tmp_path):
+    from selfnpo.algebra import merge_offsets
+
+    merged = _load(str(merge_offsets(tiny_flux, [(str(flux_lora), 0.7)], tmp_path / "merged")))
+    ref = _load(tiny_flux)
+    ref.load_lora_weights(str(flux_lora), adapter_name="neg")
+    ref.set_adapters(["neg"], adapter_weights=[0.7])
+    g = torch.Generator().manual_seed(4)
+    kw = dict(
+        hidden_states=torch.randn(2, 16, 4, generator=g),
+        timestep=torch.full((2,), 0.4),
+        guidance=torch.full((2,), 3.5),
+        pooled_projections=torch.randn(2, 32, generator=g),
+        encoder_hidden_states=torch.randn(2, 12, 32, generator=g),
+        txt_ids=torch.zeros(12, 3),
+        img_ids=ref._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged.transformer(**kw)[0], ref.transformer(**kw)[0], rtol=1e-4, atol=1e-5
+        )

@@ -233,3 +233,23 @@ def test_video_falls_back_to_gif_without_imageio_ffmpeg(monkeypatch):
         importlib.util, "find_spec", lambda n, *a: None if n == "imageio_ffmpeg" else real(n, *a)
     )
     assert video.video_format("mp4") == "gif" and video.video_format("gif") == "gif"
+
+
+def test_merged_offset_equals_the_lora_at_its_scale(tiny_wan, wan_lora, tmp_path):
+    from selfnpo.algebra import merge_offsets
+
+    merged = _load(str(merge_offsets(tiny_wan, [(str(wan_lora), 0.7)], tmp_path / "merged")))
+    ref = _load(tiny_wan)
+    ref.load_lora_weights(str(wan_lora), adapter_name="neg")
+    ref.set_adapters(["neg"], adapter_weights=[0.7])
+    g = torch.Generator().manual_seed(4)
+    kw = dict(
+        hidden_states=torch.randn(2, 16, 2, 2, 2, generator=g),
+        timestep=torch.full((2,), 400.0),
+        encoder_hidden_states=torch.randn(2, 12, 32, generator=g),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged.transformer(**kw)[0], ref.transformer(**kw)[0], rtol=1e-4, atol=1e-5
+        )
