@@ -87,7 +87,9 @@ def main() -> None:
             with torch.no_grad():
                 r = reward(clf, imgs, prompts).mean()
             acc = attribute_accuracy(clf, imgs, prompts)
-            cols = " | ".join(f"{acc[k]:.3f}" for k in ("count", "first", "shape", "colour", "position", "background"))
+            cols = " | ".join(
+                f"{acc[k]:.3f}" for k in ("count", "first", "shape", "colour", "position", "background")
+            )
             print(
                 f"| {split} | {g:g} | {alignment(clf, imgs, prompts).float().mean():.3f} | {r:.1f} | {cols} |"
             )

@@ -211,9 +211,10 @@ def test_merged_folders_reproduce_both_npo_branches(eta, delta, tiny_sd, sd_offs
         monkeypatch.setattr(torch.func, "functional_call", None)
     with NPOGuidance(pipe, negative=delta_p, positive=eta_p, alpha=alpha, beta=beta):
         got = _out(pipe.unet, args, kw)
-    if "full" not in (eta, delta):  # the network grew by the LoRA factors, nothing more
         added = sum(p.numel() for p in pipe.unet.parameters()) - n_params
+    if "full" not in (eta, delta):  # while attached the network grew by the LoRA factors, nothing more
         assert added == _numel(eta_p) + _numel(delta_p)
+    assert sum(p.numel() for p in pipe.unet.parameters()) == n_params  # and then is as it was
     base = _out(_pipe(tiny_sd).unet, args, kw)
     want_neg = _out(neg, (args[0][:2], args[1]), _half(kw, slice(0, 2)))
     want_pos = _out(pos, (args[0][2:], args[1]), _half(kw, slice(2, 4)))
@@ -346,3 +347,12 @@ def test_sweep_on_the_world_model(tmp_path, capsys):
     assert main([*args, "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["rows"] == m["rows"]
     assert main([*args[:-2], "--seed", "1", "--device", "cpu", "--resume"]) == 2
+    # a truncated image file (a crash of the disk) is made again, not a traceback; "out/" is "out"
+    f = out / "images" / "alpha0.5_beta1.0_g3.0.npy"
+    good = f.read_bytes()
+    f.write_bytes(good[:50])
+    resumed = [a if a != str(out) else str(out) + "/" for a in args]
+    assert main([*resumed, "--resume"]) == 0
+    assert f.read_bytes() == good
+    assert json.loads((out / "metrics.json").read_text())["rows"] == m["rows"]
+    assert (out / ".selfnpo-run").read_text().strip() == "sweep"

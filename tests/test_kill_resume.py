@@ -148,7 +148,8 @@ def test_generate_killed_midway_produces_the_same_set(runner, tmp_path, tiny_sd)
     for delay in (0.3, 3.0, 4.0, 5.0):
         _run_killed_after(cmd, delay)
     subprocess.run(cmd, env=_env(), check=True, capture_output=True)
-    assert not list(out.glob(".*"))  # a killed writer's temporaries are cleaned up by the re-run
+    # a killed writer's temporaries are cleaned up by the re-run (the marker and lock file stay)
+    assert sorted(p.name for p in out.glob(".*")) == [".selfnpo-lock", ".selfnpo-run"]
     want = {p.name: p.read_bytes() for p in ref.glob("*.png")}
     assert len(want) == 6 and {p.name: p.read_bytes() for p in out.glob("*.png")} == want
 

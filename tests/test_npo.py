@@ -118,3 +118,72 @@ def test_full_delta_and_lora_scale_agree(tiny_sd, sd_lora, tmp_path):
         yb = b.unet(x, 300, encoder_hidden_states=emb).sample
     torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
     assert DELTA not in b.unet.state_dict()  # full deltas are never written into the module
+
+
+def _lora_copy(lora, tmp_path):
+    import shutil
+
+    shutil.copytree(lora.parent, tmp_path / "lora")
+    return tmp_path / "lora" / lora.name
+
+
+def test_the_pipeline_comes_back_unchanged_and_saves_a_usable_model(tiny_sd, sd_lora, tmp_path):
+    pipe = _load(tiny_sd)
+    keys = list(pipe.unet.state_dict())
+    plain = _run(pipe, "DDIMScheduler")
+    with NPOGuidance(pipe, negative=sd_lora, beta=1.0):
+        changed = _run(pipe, "DDIMScheduler")
+    assert np.abs(changed - plain).max() > 1e-4
+    assert list(pipe.unet.state_dict()) == keys  # no adapter, no wrapped layer left behind
+    assert not getattr(pipe.unet, "peft_config", None)
+    pipe.save_pretrained(tmp_path / "saved")
+    np.testing.assert_array_equal(_run(_load(str(tmp_path / "saved")), "DDIMScheduler"), plain)
+    # the sequence of the issue: unload_lora_weights, then a second NPOGuidance applies its offset
+    pipe.unload_lora_weights()
+    with NPOGuidance(pipe, negative=sd_lora, beta=1.0):
+        np.testing.assert_array_equal(_run(pipe, "DDIMScheduler"), changed)
+    # one object attached several times (as the sweep does) applies the offset every time
+    npo = NPOGuidance(pipe, negative=sd_lora, beta=1.0)
+    assert list(pipe.unet.state_dict()) == keys  # constructing it changes nothing either
+    for _ in range(2):
+        with npo:
+            np.testing.assert_array_equal(_run(pipe, "DDIMScheduler"), changed)
+    assert list(pipe.unet.state_dict()) == keys
+
+
+def test_the_users_own_adapters_keep_their_scales(tiny_sd, sd_lora, tmp_path):
+    from selfnpo.offsets import lora_layers
+
+    pipe = _load(tiny_sd)
+    pipe.load_lora_weights(str(_lora_copy(sd_lora, tmp_path)), adapter_name="mine")
+    pipe.set_adapters(["mine"], adapter_weights=[0.3])
+    keys = list(pipe.unet.state_dict())
+    scales = [layer.scaling["mine"] for layer in lora_layers(pipe.unet, "mine")]
+    mine = _run(pipe, "DDIMScheduler")
+    with NPOGuidance(pipe, negative=sd_lora, beta=1.0):
+        _run(pipe, "DDIMScheduler")
+    assert list(pipe.unet.state_dict()) == keys
+    assert [layer.scaling["mine"] for layer in lora_layers(pipe.unet, "mine")] == scales
+    assert pipe.get_active_adapters() == ["mine"]
+    np.testing.assert_array_equal(_run(pipe, "DDIMScheduler"), mine)
+
+
+def test_non_finite_offsets_are_refused(tiny_sd, sd_lora, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from selfnpo.errors import SelfNPOError
+    from selfnpo.offsets import save_full_delta
+
+    bad = _lora_copy(sd_lora, tmp_path)
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(bad)).items()}, str(bad))
+    pipe = _load(tiny_sd)
+    keys = list(pipe.unet.state_dict())
+    with pytest.raises(SelfNPOError, match="NaN"):
+        NPOGuidance(pipe, negative=bad)
+    assert list(pipe.unet.state_dict()) == keys
+    full = tmp_path / "full_delta.safetensors"
+    save_full_delta(full, {"conv_in.weight": torch.full_like(pipe.unet.conv_in.weight, float("inf"))}, {})
+    with pytest.raises(SelfNPOError, match="NaN or infinite"):
+        NPOGuidance(pipe, negative=full)
+    with pytest.raises(SelfNPOError, match="finite"):
+        NPOGuidance(pipe, negative=sd_lora, beta=float("nan"))

@@ -97,7 +97,7 @@ def test_existing_run_folder_is_never_overwritten(tiny_sd, prompts_file, tmp_pat
     other = tmp_path / "notarun"
     other.mkdir()
     (other / "precious.txt").write_text("keep")
-    with pytest.raises(SelfNPOError, match="not a selfnpo run folder"):
+    with pytest.raises(SelfNPOError, match="not written by selfnpo"):
         train_tiny(tiny_sd, other, prompts_file, steps=1, overwrite=True)
     assert (other / "precious.txt").read_text() == "keep"
 

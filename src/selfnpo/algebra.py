@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SelfNPOError
-from .io import atomic_dir
+from .io import atomic_dir, check_writable_parent, write_marker
 from .offsets import canonical_params, load_full_delta, offset_kind, resolve_offset_file
 from .training.config import opt
 
@@ -118,7 +119,10 @@ def lora_delta(lora_file: str | Path, unet: nn.Module) -> dict[str, Tensor]:
             )
         if any(m.use_dora.get(_TMP_ADAPTER, False) for m in layers.values()):
             raise SelfNPOError(f"{path}: DoRA offsets are not a weight sum; not supported")
-        return {f"{n}.weight": m.get_delta_weight(_TMP_ADAPTER).float().cpu() for n, m in layers.items()}
+        delta = {f"{n}.weight": m.get_delta_weight(_TMP_ADAPTER).float().cpu() for n, m in layers.items()}
+        if not all(torch.isfinite(d).all() for d in delta.values()):
+            raise SelfNPOError(f"{path}: LoRA holds NaN or infinite weights; refusing to use it")
+        return delta
     except (ValueError, KeyError, RuntimeError) as e:
         why = "shapes differ, another model?" if "size mismatch" in str(e) else _first_line(e)
         raise SelfNPOError(f"{path}: LoRA does not fit this model ({why})") from None
@@ -187,8 +191,9 @@ def merge_offsets(
     from .models.sd import denoiser_network
 
     out = Path(out_dir)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise SelfNPOError(f"{out}: exists; merging never overwrites, choose a new --output-dir")
+    check_writable_parent(out)
     if not offsets:
         raise SelfNPOError("no offsets to merge; pass --offsets PATH[:SCALE],...")
     torch_dtype = pick_dtype(dtype, torch.device("cpu"))
@@ -208,6 +213,7 @@ def merge_offsets(
         "dtype": dtype,
     }
     with atomic_dir(out) as tmp:
+        write_marker(tmp, "merge")
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "selfnpo_merge.json").write_text(json.dumps(record, indent=2))
     return out
@@ -221,9 +227,12 @@ def parse_offsets(spec: str) -> list[tuple[str, float]]:
             continue
         path, _, scale = item.rpartition(":")
         try:
-            out.append((path, float(scale)) if path else (item, 1.0))
+            pair = (path, float(scale)) if path else (item, 1.0)
         except ValueError:
-            out.append((item, 1.0))  # a ':' that is part of the path
+            pair = (item, 1.0)  # a ':' that is part of the path
+        if not math.isfinite(pair[1]) or abs(pair[1]) > 100:
+            raise SelfNPOError(f"--offsets {item!r}: the scale must be a finite number in [-100, 100]")
+        out.append(pair)
     if not out:
         raise SelfNPOError("--offsets is required: PATH[:SCALE],... (e.g. runs/npo/offset:-1)")
     return out

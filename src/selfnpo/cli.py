@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -173,11 +176,18 @@ def _config_class(spec: str) -> type:
     return getattr(importlib.import_module(mod), name)
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfnpo",
         description="Self-NPO: train a negative weight offset for classifier-free guidance, and use it.",
     )
+    parser.add_argument("--version", action="version", version=f"selfnpo {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (spec, help_, _) in COMMANDS.items():
         cls = _config_class(spec)
@@ -201,38 +211,88 @@ def _quiet_libraries() -> None:
         lib.utils.logging.set_verbosity_error()
 
 
+def _check_settings(ns: argparse.Namespace) -> None:
+    """Validate the command's settings on their own (no model, no files), as early as possible."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    cls = _config_class(COMMANDS[ns.command][0])
+    cfg = config_from_args(cls, ns)
+    if hasattr(cfg, "validate"):
+        cfg = cfg.validate()
+    if hasattr(cfg, "resolved"):
+        cfg.resolved()
+
+
 def _oom_error() -> type[BaseException]:
     import torch
 
     return getattr(torch, "OutOfMemoryError", MemoryError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Terminated
+
+
+_RESUMABLE = ("train", "generate", "sweep", "pretrain")
+
+
+def _expected_failure(command: str, e: BaseException) -> str | None:
+    """The one line for a failure a user can cause or fix (bad input, no memory, no disk), or None.
+
+    Every expected failure becomes one line here; anything else is a bug and keeps its traceback.
+    """
+    if isinstance(e, SelfNPOError):
+        return str(e)
+    if isinstance(e, MemoryError | _oom_error()) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
+    ):
+        return "out of memory; lower --batch-size or --resolution"
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f" {e.filename}" if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return f"disk full while writing{where}"
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot write{where} ({e.strerror}); choose another output folder"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.EIO):
+            return f"cannot use{where} ({e.strerror})"
+    return None
+
+
+def _interrupted(command: str, e: KeyboardInterrupt) -> str:
+    what = "terminated" if isinstance(e, Terminated) else "interrupted"
+    if command in _RESUMABLE:
+        return f"selfnpo {command}: {what}; run the same command with --resume to continue"
+    if command == "demo":
+        return f"selfnpo {command}: {what}; run it again with --overwrite"
+    return f"selfnpo {command}: {what}; nothing was written"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line to stderr and return exit code 2."""
     ns = build_parser().parse_args(argv)
-    _quiet_libraries()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
+        _check_settings(ns)  # a typo is reported before diffusers and transformers are imported
+        _quiet_libraries()
         COMMANDS[ns.command][2](ns)
-    except SelfNPOError as e:
-        print(f"selfnpo {ns.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        sys.stdout.flush()
+        print("\n" + _interrupted(ns.command, e), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:
+        line = _expected_failure(ns.command, e)
+        if line is None:
+            raise
+        print(f"selfnpo {ns.command}: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"selfnpo {ns.command}: interrupted", file=sys.stderr)
-        return 130
-    except (MemoryError, _oom_error()):
-        print(
-            f"selfnpo {ns.command}: error: out of memory; lower --batch-size or --resolution",
-            file=sys.stderr,
-        )
-        return EXIT_USER_ERROR
-    except OSError as e:
-        if e.errno == 28:  # ENOSPC
-            print(
-                f"selfnpo {ns.command}: error: disk full while writing {e.filename or ''}".rstrip(),
-                file=sys.stderr,
-            )
-            return EXIT_USER_ERROR
-        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

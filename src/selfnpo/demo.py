@@ -14,6 +14,7 @@ split; see benchmarks/world_tune.py).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import SelfNPOError
-from .io import atomic_write_text
+from .io import atomic_write_text, claim_output_dir
 from .training.config import opt
 
 
@@ -54,23 +55,27 @@ class DemoConfig:
     seed: int = opt(0, "seed of training and of the bootstrap (the split fixes evaluation prompts and seeds)")
     overwrite: bool = opt(False, "replace an existing report folder")
 
+    QUICK = {
+        "train_steps": 6,
+        "pool_size": 8,
+        "eval_prompts": 8,
+        "real_images": 64,
+        "sample_steps": 4,
+        "guidance_scales": "3",
+        "betas": "1",
+        "curve_points": 2,
+        "batch_size": 4,
+    }
+
     def resolved(self) -> DemoConfig:
+        """With ``--quick``, the tiny settings; a setting also given explicitly is refused."""
         if not self.quick:
             return self
-        return DemoConfig(
-            **{
-                **asdict(self),
-                "train_steps": 6,
-                "pool_size": 8,
-                "eval_prompts": 8,
-                "real_images": 64,
-                "sample_steps": 4,
-                "guidance_scales": "3",
-                "betas": "1",
-                "curve_points": 2,
-                "batch_size": 4,
-            }
-        )
+        given = [k for k in self.QUICK if getattr(self, k) != getattr(DemoConfig, k)]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise SelfNPOError(f"--quick sets {flags} itself; leave {flags} out or drop --quick")
+        return DemoConfig(**{**asdict(self), **self.QUICK})
 
     def validate(self) -> DemoConfig:
         for name in (
@@ -84,9 +89,27 @@ class DemoConfig:
         ):
             if getattr(self, name) < 1:
                 raise SelfNPOError(f"--{name.replace('_', '-')} must be >= 1")
-        if not self.floats("guidance_scales") or any(g < 0 for g in self.floats("guidance_scales")):
-            raise SelfNPOError("--guidance-scales must list non-negative numbers")
-        self.floats("betas")
+        if self.eval_prompts < 2:
+            raise SelfNPOError("--eval-prompts must be >= 2 (intervals need two samples)")
+        if self.sample_steps > 1000:
+            raise SelfNPOError("--sample-steps must be in 1..1000")
+        if not (math.isfinite(self.lr) and 0 < self.lr < 1):
+            raise SelfNPOError("--lr must be in (0, 1)")
+        if not (math.isfinite(self.default_guidance) and 0 <= self.default_guidance <= 100):
+            raise SelfNPOError("--default-guidance must be in [0, 100]")
+        if not 0 <= self.seed < 2**32:
+            raise SelfNPOError("--seed must be in 0..4294967295")
+        for name in ("guidance_scales", "betas"):
+            vals = self.floats(name)
+            flag = "--" + name.replace("_", "-")
+            if not vals:
+                raise SelfNPOError(f"{flag} must list at least one number (got {getattr(self, name)!r})")
+            if not all(math.isfinite(v) for v in vals):
+                raise SelfNPOError(f"{flag} must be finite numbers (got {getattr(self, name)!r})")
+        if any(not 0 <= g <= 100 for g in self.floats("guidance_scales")):
+            raise SelfNPOError("--guidance-scales must be in [0, 100]")
+        if any(abs(b) > 10 for b in self.floats("betas")):
+            raise SelfNPOError("--betas must be in [-10, 10]")
         if self.split not in ("validation", "test"):
             raise SelfNPOError("--split must be validation or test")
         return self
@@ -118,15 +141,14 @@ def generate_uint8(
 
 
 def _prepare(cfg: DemoConfig) -> Path:
+    from .models.loading import resolve_model_class
+    from .world.model import shipped_model_dir
+
+    resolve_model_class(cfg.model or str(shipped_model_dir()))  # before an old report is replaced
     out = Path(cfg.output)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise SelfNPOError(f"{out}: exists; pass --overwrite to replace it")
-        if not (out / "demo_config.json").is_file():
-            raise SelfNPOError(f"{out}: exists and is not a selfnpo demo folder; refusing to overwrite it")
-        shutil.rmtree(out)
+    legacy = lambda o: (o / "demo_config.json").is_file()  # noqa: E731 - folders of earlier versions
+    claim_output_dir(out, "demo", overwrite=cfg.overwrite, legacy=legacy, flag="--output")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "demo_config.json", json.dumps(asdict(cfg), indent=2))
     except OSError as e:
         raise SelfNPOError(f"{out}: cannot write ({e.strerror})") from None

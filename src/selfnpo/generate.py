@@ -18,8 +18,16 @@ from pathlib import Path
 import torch
 
 from .errors import SelfNPOError
-from .io import atomic_path, atomic_write_text, read_prompts, remove_stale_temps
-from .training.config import opt, with_defaults
+from .io import (
+    atomic_path,
+    atomic_write_text,
+    claim_output_dir,
+    lock_dir,
+    read_prompts,
+    remove_stale_temps,
+    removed_on_failure,
+)
+from .training.config import MAX_SEED, check_finite, opt, with_defaults
 
 SCHEDULERS = (
     "DDIMScheduler",
@@ -80,8 +88,11 @@ class GenerateConfig:
             raise SelfNPOError("--model is required")
         if bool(self.prompts) == bool(self.prompt):
             raise SelfNPOError("give exactly one of --prompts FILE or --prompt TEXT")
+        check_finite(self)
         for ok, msg in [
             (self.steps >= 1 and self.steps <= 1000, "--steps must be in 1..1000"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}"),
+            (self.resolution <= 4096, "--resolution must be <= 4096"),
             (self.num_images_per_prompt >= 1, "--num-images-per-prompt must be >= 1"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (0 <= self.guidance_scale <= 100, "--guidance-scale must be in [0, 100]"),
@@ -107,32 +118,117 @@ class GenerateConfig:
         return self
 
 
-def _prepare_output(cfg: GenerateConfig) -> Path:
+_NOT_COMPARED = ("resume", "overwrite", "device", "output_dir")
+_PATHS = ("model", "prompts", "negative_offset", "positive_offset")
+_GEN_FILES = ("generate_config.json", "images.jsonl")
+
+
+def _legacy_output(out: Path) -> bool:
+    """An output folder written before folders were marked: generate_config.json and PNGs."""
+    names = [p.name for p in out.iterdir() if not p.name.endswith(".tmp")]
+    return "generate_config.json" in names and all(n in _GEN_FILES or n.endswith(".png") for n in names)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _offset_hashes(cfg: GenerateConfig) -> dict[str, str]:
+    from .offsets import resolve_offset_file
+
+    return {
+        f"{k}_sha256": _sha256(resolve_offset_file(getattr(cfg, k)))
+        for k in ("negative_offset", "positive_offset")
+        if getattr(cfg, k)
+    }
+
+
+def _differing_setting(saved: dict, mine: dict) -> str | None:
+    import os
+
+    for k, v in mine.items():
+        old = saved.get(k)
+        if k.endswith("_sha256") and old is None:
+            continue  # written before hashes were recorded
+        if k in _PATHS and isinstance(old, str) and isinstance(v, str) and old and v:
+            if os.path.realpath(old) == os.path.realpath(v):
+                continue
+        if old != v:
+            if k.endswith("_sha256"):
+                return f"the file --{k[:-7].replace('_', '-')} changed since these images were made"
+            return f"--{k.replace('_', '-')} was {old!r}, now {v!r}"
+    return None
+
+
+def _prepare_output(cfg: GenerateConfig, hashes: dict[str, str] | None = None) -> tuple[Path, bool]:
+    """The output folder (created, or checked for ``--resume``) and whether it is resumed."""
     out = Path(cfg.output_dir)
     manifest = out / "generate_config.json"
-    mine = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "device", "batch_size")}
-    if out.exists() and any(out.iterdir()):
-        if cfg.resume and manifest.is_file():
-            saved = with_defaults(GenerateConfig, json.loads(manifest.read_text()))
-            if {k: saved.get(k) for k in mine} != mine:
-                raise SelfNPOError(f"{out}: holds images of different settings; cannot resume")
-            remove_stale_temps(out)
-            return out
-        if not cfg.overwrite:
-            raise SelfNPOError(f"{out}: output folder exists; pass --resume or --overwrite")
-        if not manifest.is_file():
-            raise SelfNPOError(
-                f"{out}: exists and was not written by selfnpo generate; refusing to overwrite"
-            )
-        for pattern in ("*.png", "*.mp4", "*.gif"):
-            for f in out.glob(pattern):
-                f.unlink()
+    mine = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED}
+    mine.update(hashes or {})
+    resuming = claim_output_dir(
+        out, "generate", overwrite=cfg.overwrite, resume=cfg.resume, legacy=_legacy_output
+    )
+    if resuming and manifest.is_file():
+        try:
+            raw = json.loads(manifest.read_text(encoding="utf-8"))
+            saved = with_defaults(GenerateConfig, raw)
+        except (ValueError, UnicodeDecodeError, TypeError) as e:
+            raise SelfNPOError(f"{manifest}: damaged, cannot resume ({e})") from None
+        if "batch_size" not in raw:  # not recorded by earlier versions: trusted
+            saved["batch_size"] = cfg.batch_size
+        why = _differing_setting(saved, mine)
+        if why:
+            raise SelfNPOError(f"{out}: holds images of different settings ({why}); cannot resume")
+        remove_stale_temps(out)
+        return out, True
     try:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(manifest, json.dumps(mine, indent=2))
     except OSError as e:
         raise SelfNPOError(f"{out}: cannot write ({e.strerror})") from None
-    return out
+    return out, resuming
+
+
+def _finished(path: Path) -> bool:
+    """Whether ``path`` is a PNG that decodes fully (a truncated or garbage file is made again);
+    videos are written atomically, so one that exists is whole."""
+    from PIL import Image
+
+    if not path.is_file():
+        return False
+    if path.suffix != ".png":
+        return path.stat().st_size > 0
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.format == "PNG"
+    except Exception:  # noqa: BLE001 - any decoding failure: not finished
+        return False
+
+
+def _has_outputs(out: Path) -> bool:
+    """Whether a failed job's folder holds finished images or videos worth keeping."""
+    return any(any(out.glob(f"*.{ext}")) for ext in ("png", "mp4", "gif"))
+
+
+def _warn_no_effect(cfg: GenerateConfig) -> None:
+    import logging
+
+    log = logging.getLogger(__name__)
+    if cfg.guidance_scale <= 1 and (cfg.negative_offset or cfg.positive_offset and cfg.alpha):
+        log.warning(
+            "--guidance-scale %g: diffusers runs no negative branch at g <= 1, so the negative "
+            "offset has no effect",
+            cfg.guidance_scale,
+        )
+    if not cfg.negative_offset and cfg.beta != GenerateConfig.beta:
+        log.warning("--beta %g has no effect without --negative-offset", cfg.beta)
 
 
 def generate(
@@ -144,19 +240,34 @@ def generate(
     one carrying a guidance rule); ``call_kwargs(chunk) -> dict`` adds pipeline arguments for a
     batch of records (e.g. per-image negative prompts) and is called right before each batch.
     """
-    import diffusers
-    from tqdm.auto import tqdm
-
-    from .models import family
-    from .models.loading import load_pipeline, resolve_model_class
-    from .npo import NPOGuidance
-    from .video import FPS, video_format, write_video
+    from .models.loading import check_device, resolve_model_class
 
     cfg.validate()
     prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts)
     if pipe is None:
         resolve_model_class(cfg.model)
-    out = _prepare_output(cfg)
+        check_device(cfg.device)
+    _warn_no_effect(cfg)
+    out, resuming = _prepare_output(cfg, _offset_hashes(cfg))
+    lock = lock_dir(out)
+    try:
+        with removed_on_failure(out, not resuming, keep=_has_outputs):
+            return _generate(cfg, pipe, progress, prompts, out, guidance, call_kwargs)
+    finally:
+        lock.close()
+
+
+def _generate(
+    cfg: GenerateConfig, pipe, progress: bool, prompts: list[str], out: Path, guidance=None, call_kwargs=None
+) -> list[dict]:
+    import diffusers
+    from tqdm.auto import tqdm
+
+    from .models import family
+    from .models.loading import load_pipeline
+    from .npo import NPOGuidance
+    from .video import FPS, video_format, write_video
+
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
     flow = type(pipe.scheduler).__name__.startswith("FlowMatch")
@@ -192,7 +303,8 @@ def generate(
     # Batches are aligned to absolute indices so that a resumed job runs the same batches
     # as an uninterrupted one (batch composition can change the last bits of a result).
     chunks = [jobs[k : k + cfg.batch_size] for k in range(0, len(jobs), cfg.batch_size)]
-    todo = [c for c in chunks if any(not (out / j["file"]).is_file() for j in c)]
+    finished = {j["file"] for j in jobs if _finished(out / j["file"])}
+    todo = [c for c in chunks if any(j["file"] not in finished for j in c)]
     done = len(jobs) - sum(len(c) for c in todo)
     res = cfg.resolution or None
     dev = pipe.device
@@ -212,7 +324,7 @@ def generate(
             )
             images = result.frames if ext != "png" else result.images
             for j, im in zip(chunk, images, strict=True):
-                if (out / j["file"]).is_file():
+                if j["file"] in finished:
                     continue
                 if ext != "png":
                     write_video(im, out / j["file"], cfg.fps or FPS[fam], ext)

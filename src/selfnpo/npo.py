@@ -70,43 +70,115 @@ class NPOGuidance:
     def __init__(
         self, pipe, negative=None, positive=None, alpha: float = 0.0, beta: float = 1.0, rule=None
     ) -> None:
+        import math
+
         check_supported(pipe)
         self.pipe, self.unet = pipe, denoiser_network(pipe)
         self.alpha, self.beta = float(alpha), float(beta)
+        if not (math.isfinite(self.alpha) and math.isfinite(self.beta)):
+            raise SelfNPOError(f"alpha and beta must be finite numbers (got {alpha}, {beta})")
         self.rule = rule
         self._full: dict[str, dict[str, Tensor]] = {}
         self._lora: list[str] = []
-        for name, src in ((ETA, positive), (DELTA, negative)):
-            if src is not None:
-                self._load(name, src)
+        self._lora_files: dict[str, str] = {}
+        self._loaded = False
         self._orig = None
         self._inside = False
         self._context: str | None = None  # the cache-context name of the current call, if any
         self._orig_cache_context = None
+        for name, src in ((ETA, positive), (DELTA, negative)):
+            if src is not None:
+                self._prepare(name, src)
+        if self._lora_files:
+            self._load_loras()  # fails here, not inside the user's with block, if a LoRA does not fit
+            self._unload_loras()  # the pipeline is unchanged until attached
 
-    def _load(self, name: str, src) -> None:
+    def _prepare(self, name: str, src) -> None:
         path = resolve_offset_file(src)
         if offset_kind(path) == "full":
             delta = load_full_delta(path, self.unet)
             dev, dt = self.unet.device, self.unet.dtype
             self._full[name] = {k: v.to(dev, dt) for k, v in delta.items()}
             return
-        loaded = self.pipe.__dict__.setdefault("_selfnpo_loaded", {})
-        if loaded.get(name) == str(path.resolve()):  # already in this pipeline: reuse it
-            self._lora.append(name)
-            return
         check_lora_family(path, self.pipe)
-        if name in loaded:
-            self.pipe.delete_adapters(name)
-            del loaded[name]
-        try:
-            self.pipe.load_lora_weights(str(path), adapter_name=name)
-        except (ValueError, KeyError, RuntimeError) as e:
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise SelfNPOError(f"{path}: LoRA does not fit this model ({msg})") from None
-        loaded[name] = str(path.resolve())
+        self._lora_files[name] = str(path)
         self._lora.append(name)
-        deactivate_adapters(self.unet, [name])  # active only while attached
+
+    def _load_loras(self) -> None:
+        """Load the LoRA offsets as adapters of the user's UNet (inactive until attached); remembers
+        what the UNet looked like so that :meth:`_unload_loras` can restore it exactly."""
+        if self._loaded:
+            return
+        present = set(getattr(self.unet, "peft_config", None) or {})
+        clash = present & set(self._lora_files)
+        if clash:
+            raise SelfNPOError(
+                f"the pipeline already holds adapter {sorted(clash)[0]!r} (another NPOGuidance attached?)"
+            )
+        self._had_peft = bool(present)
+        self._user_active = self._active_adapters()  # loading a LoRA may switch the user's off
+        self._wrapped = set(self._user_active)
+        self._loaded = True
+        for name, path in self._lora_files.items():
+            try:
+                self.pipe.load_lora_weights(path, adapter_name=name)
+            except (ValueError, KeyError, RuntimeError) as e:
+                self._unload_loras()
+                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise SelfNPOError(f"{path}: LoRA does not fit this model ({msg})") from None
+        self._check_finite()
+        deactivate_adapters(self.unet, self._lora)  # active only while attached
+        self._restore_active(self._user_active, [])
+
+    def _check_finite(self) -> None:
+        """Refuse a LoRA offset whose weights hold NaN or inf (it would give black images)."""
+        for n, p in self.unet.named_parameters():
+            name = next((a for a in self._lora if f".{a}." in n), None)
+            if name is not None and not torch.isfinite(p).all():
+                self._unload_loras()
+                raise SelfNPOError(
+                    f"{self._lora_files[name]}: the offset holds NaN or infinite weights; refusing to use it"
+                )
+
+    def _unload_loras(self) -> None:
+        """Delete the adapters this object loaded and give back the layers peft wrapped for them:
+        the UNet's modules, state_dict keys, and the user's own adapters (with their scales and
+        active set) are as before."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if not self._loaded:
+            return
+        self._loaded = False
+        mine = [n for n in self._lora if n in (getattr(self.unet, "peft_config", None) or {})]
+        if not self._had_peft:
+            if getattr(self.unet, "peft_config", None):
+                self.unet.unload_lora()
+            return
+        if mine:
+            deactivate_adapters(self.unet, mine)
+            self.unet.delete_adapters(mine)
+        self._restore_active(self._user_active, mine)
+        for n, m in list(self.unet.named_modules()):
+            if isinstance(m, BaseTunerLayer) and n not in self._wrapped and n:
+                parent, _, child = n.rpartition(".")
+                setattr(self.unet.get_submodule(parent) if parent else self.unet, child, m.get_base_layer())
+
+    def _active_adapters(self) -> dict[str, list[str]]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return {
+            n: list(m.active_adapters) for n, m in self.unet.named_modules() if isinstance(m, BaseTunerLayer)
+        }
+
+    def _restore_active(self, active: dict[str, list[str]], removed: list[str]) -> None:
+        """peft's delete_adapter may switch layers to another adapter; keep the user's active set."""
+        from .offsets import _set_active
+
+        for n, m in self.unet.named_modules():
+            if n in active:
+                want = [a for a in active[n] if a not in removed]
+                if list(m.active_adapters) != want:
+                    _set_active(m, want)
 
     # ---- the two branches ----------------------------------------------------------------------
     def branch_weights(self, negative: bool) -> dict[str, float]:
@@ -193,6 +265,7 @@ class NPOGuidance:
     # ---- attach / detach -------------------------------------------------------------------------
     def attach(self) -> NPOGuidance:
         if self._orig is None:
+            self._load_loras()
             activate_adapters(self.unet, self._lora)
             self._orig = self.unet.forward
             self.unet.forward = self._forward
@@ -202,7 +275,7 @@ class NPOGuidance:
         return self
 
     def detach(self) -> None:
-        """Restore the pipeline's own forward; the offsets stay loaded but inactive."""
+        """Restore the pipeline exactly: its own forward, and no adapter or wrapped layer of ours."""
         if self._orig is not None:
             self.unet.forward = self._orig
             self._orig = None
@@ -210,6 +283,7 @@ class NPOGuidance:
                 del self.unet.cache_context  # the class's own method again
                 self._orig_cache_context = None
             deactivate_adapters(self.unet, self._lora)
+            self._unload_loras()
 
     def __enter__(self) -> NPOGuidance:
         return self.attach()

@@ -197,6 +197,8 @@ def load_full_delta(path: str | Path, unet: nn.Module) -> dict[str, Tensor]:
     delta = load_file(str(p))
     params = {k: t for k, (_, t) in canonical_params(unet).items()}
     for k, v in delta.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise SelfNPOError(f"{p}: offset {k!r} holds NaN or infinite values; refusing to use it")
         if k not in params:
             raise SelfNPOError(f"{p}: offset holds {k!r}, which this model does not have (wrong model?)")
         if tuple(v.shape) != tuple(params[k].shape):

@@ -1,6 +1,6 @@
 """Noise schedules: small objects of pure functions, in the style of flow_matching's schedulers.
 
-Forward process (METHOD.md notation): ``x_t = alpha_t * x_0 + sigma_t * eps``. Both kinds index
+Forward process (docs/notation.md): ``x_t = alpha_t * x_0 + sigma_t * eps``. Both kinds index
 time by the scheduler's training level ``t`` in ``0..T-1`` (larger is noisier), so objectives draw,
 step and grid ``t`` the same way for every model; each schedule answers ``alpha_t``, ``sigma_t`` and
 the time the network itself takes for that level, and holds no state that sampling changes.

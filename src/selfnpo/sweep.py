@@ -11,7 +11,7 @@ hyper-parameter figure. Generated images are kept, so ``--resume`` skips finishe
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SelfNPOError
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, claim_output_dir, lock_dir, removed_on_failure
 from .training.config import opt
 
 METRICS = (  # key, label, higher is better
@@ -73,17 +73,27 @@ class SweepConfig:
             raise SelfNPOError(f"--{name.replace('_', '-')} must be comma-separated numbers") from None
         if not vals:
             raise SelfNPOError(f"--{name.replace('_', '-')} must list at least one number")
+        if not all(math.isfinite(v) for v in vals):
+            raise SelfNPOError(
+                f"--{name.replace('_', '-')} must be finite numbers (got {getattr(self, name)!r})"
+            )
         return list(dict.fromkeys(vals))
 
     def validate(self) -> SweepConfig:
         if not self.negative:
             raise SelfNPOError("--negative is required (the offset delta to sweep)")
-        if self.eval_prompts < 1 or self.sample_steps < 1:
-            raise SelfNPOError("--eval-prompts and --sample-steps must be >= 1")
+        if self.eval_prompts < 2 or self.sample_steps < 1:
+            raise SelfNPOError(
+                "--eval-prompts must be >= 2 (intervals need two samples) and --sample-steps >= 1"
+            )
+        if self.sample_steps > 1000:
+            raise SelfNPOError("--sample-steps must be in 1..1000")
+        if not 0 <= self.seed < 2**32:
+            raise SelfNPOError("--seed must be in 0..4294967295")
         if self.resume and self.overwrite:
             raise SelfNPOError("--resume and --overwrite exclude each other")
-        if any(g < 0 for g in self.floats("guidance_scales")):
-            raise SelfNPOError("--guidance-scales must be non-negative")
+        if any(not 0 <= g <= 100 for g in self.floats("guidance_scales")):
+            raise SelfNPOError("--guidance-scales must be in [0, 100]")
         if not self.positive and self.floats("alphas") != [0.0]:
             raise SelfNPOError("--alphas other than 0 need a --positive offset (alpha scales eta)")
         if any(abs(v) > 10 for v in self.floats("alphas") + self.floats("betas")):
@@ -102,26 +112,43 @@ class SweepConfig:
         )
 
 
-def _prepare(cfg: SweepConfig) -> Path:
+def _legacy_sweep(out: Path) -> bool:
+    return (out / _MANIFEST).is_file()
+
+
+def _prepare(cfg: SweepConfig) -> tuple[Path, bool]:
+    import os
+
     out = Path(cfg.output)
     mine = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
-    if out.exists() and any(out.iterdir()):
-        manifest = out / _MANIFEST
-        if not manifest.is_file():
-            raise SelfNPOError(f"{out}: exists and is not a selfnpo sweep folder; refusing to touch it")
-        if cfg.resume:
-            if json.loads(manifest.read_text()) != mine:
-                raise SelfNPOError(f"{out}: holds a sweep with other settings; cannot resume it")
-            return out
-        if not cfg.overwrite:
-            raise SelfNPOError(f"{out}: exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
+    resuming = claim_output_dir(
+        out, "sweep", overwrite=cfg.overwrite, resume=cfg.resume, legacy=_legacy_sweep, flag="--output"
+    )
+    if resuming and (out / _MANIFEST).is_file():
+        try:
+            saved = json.loads((out / _MANIFEST).read_text(encoding="utf-8"))
+            if not isinstance(saved, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SelfNPOError(f"{out / _MANIFEST}: damaged, cannot resume ({e})") from None
+        for k, v in mine.items():
+            old = saved.get(k)
+            if k in ("output", "model", "negative", "positive") and old and v and isinstance(old, str):
+                if os.path.realpath(old) == os.path.realpath(v):
+                    continue
+            if old != v:
+                raise SelfNPOError(
+                    f"{out}: holds a sweep with other settings (--{k.replace('_', '-')} was {old!r}, "
+                    f"now {v!r}); cannot resume it"
+                )
+        (out / "images").mkdir(exist_ok=True)
+        return out, True
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / _MANIFEST, json.dumps(mine, indent=2))
     except OSError as e:
         raise SelfNPOError(f"{out}: cannot write ({e.strerror})") from None
-    return out
+    return out, resuming
 
 
 def _setting_images(bench, npo, out: Path, a: float, b: float, g: float) -> np.ndarray:
@@ -130,7 +157,12 @@ def _setting_images(bench, npo, out: Path, a: float, b: float, g: float) -> np.n
 
     path = out / "images" / f"alpha{a!r}_beta{b!r}_g{g!r}.npy"  # repr: distinct values, distinct files
     if path.is_file():
-        return np.load(path, allow_pickle=False)
+        try:
+            ims = np.load(path, allow_pickle=False)
+            if ims.dtype == np.uint8 and ims.ndim == 4 and len(ims) == len(bench.prompts):
+                return ims
+        except (ValueError, OSError, EOFError):
+            pass  # truncated or damaged: made again below
     npo.alpha, npo.beta = a, b
     with npo:
         ims = generate_uint8(bench.pipe, bench.prompts, bench.seeds, g, bench.cfg.sample_steps)
@@ -216,12 +248,8 @@ def _report(cfg: SweepConfig, bench, out: Path, rows: list[dict], extra: dict) -
 
 def run_sweep(cfg: SweepConfig, progress=print) -> dict:
     """Generate and score every (alpha, beta, g); returns the metrics written to ``metrics.json``."""
-    from .demo import DemoConfig, EvalBench
-    from .evaluation.world_eval import score_images
-    from .models.loading import load_pipeline, resolve_model_class
-    from .npo import NPOGuidance
+    from .models.loading import check_device, resolve_model_class
     from .offsets import offset_kind
-    from .world.classifier import load_classifier
     from .world.model import shipped_model_dir
 
     cfg = cfg.validate()
@@ -231,7 +259,23 @@ def run_sweep(cfg: SweepConfig, progress=print) -> dict:
     for src in (cfg.negative, cfg.positive):
         if src:
             offset_kind(src)  # missing or unreadable offsets fail before anything is written
-    out = _prepare(cfg)
+    check_device(cfg.device)
+    out, resuming = _prepare(cfg)
+    lock = lock_dir(out)
+    try:
+        with removed_on_failure(out, not resuming, keep=lambda o: any((o / "images").glob("*.npy"))):
+            return _run_sweep(cfg, model, out, progress, t0)
+    finally:
+        lock.close()
+
+
+def _run_sweep(cfg: SweepConfig, model: str, out: Path, progress, t0: float) -> dict:
+    from .demo import DemoConfig, EvalBench
+    from .evaluation.world_eval import score_images
+    from .models.loading import load_pipeline
+    from .npo import NPOGuidance
+    from .world.classifier import load_classifier
+
     pipe = load_pipeline(model, device=cfg.device, dtype="fp32")
     bench_cfg = DemoConfig(
         split=cfg.split,

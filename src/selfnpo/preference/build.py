@@ -20,11 +20,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ..errors import SelfNPOError
-from ..io import atomic_dir, read_prompts
+from ..io import atomic_dir, check_output_dir, check_writable_parent, read_prompts, write_marker
 from ..models import model_for
 from ..models.sd import DiffusionModel
 from ..schedules import ddim_grid
-from ..training.config import opt
+from ..training.config import MAX_SEED, check_finite, opt
 from ..training.data import sample_latents
 from .pairs import FORMAT, PairRecord, write_pairs
 
@@ -47,7 +47,9 @@ class PairsConfig:
     overwrite: bool = opt(False, "replace an existing output folder")
 
     def validate(self) -> PairsConfig:
+        check_finite(self)
         checks = [
+            (0 <= self.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}"),
             (self.num_prompts >= 1, "--num-prompts must be >= 1"),
             (1 <= self.steps <= 1000, "--steps must be in 1..1000"),
             (1.0 <= self.guidance_scale <= 50.0, "--guidance-scale must be in [1, 50]"),
@@ -62,13 +64,9 @@ class PairsConfig:
 
 def _prepare(cfg: PairsConfig) -> Path:
     out = Path(cfg.output_dir)
-    if out.exists():
-        if not cfg.overwrite:
-            raise SelfNPOError(f"{out}: exists; pass --overwrite to replace it")
-        if not (out / "pairs_meta.json").is_file():
-            raise SelfNPOError(f"{out}: exists and is not a selfnpo pair folder; refusing to overwrite it")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise SelfNPOError(f"{out.parent}: not a folder")
+    legacy = lambda o: (o / "pairs_meta.json").is_file()  # noqa: E731 - folders of earlier versions
+    check_output_dir(out, "pairs", overwrite=cfg.overwrite, legacy=legacy)
+    check_writable_parent(out)
     return out
 
 
@@ -97,13 +95,13 @@ def build_pairs(cfg: PairsConfig, pipe=None, progress: bool = True) -> Path:
     from ..rewards import get_reward
 
     cfg.validate()
-    out = _prepare(cfg)
     if cfg.prompts:
         prompts = read_prompts(cfg.prompts)
     else:
         from ..world.model import world_prompts
 
         prompts = world_prompts(cfg.num_prompts, "train", cfg.seed)
+    out = _prepare(cfg)
     if pipe is None:
         from ..world.model import shipped_model_dir
 
@@ -124,6 +122,7 @@ def build_pairs(cfg: PairsConfig, pipe=None, progress: bool = True) -> Path:
     wall = time.perf_counter() - t0
     records, keep_w, keep_l = [], [], []
     with atomic_dir(out) as tmp:
+        write_marker(tmp, "pairs")
         (tmp / "images").mkdir()
         images = model.decode_latents(lat_all)
         for i, prompt in enumerate(prompts):

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import SelfNPOError
-from ..io import atomic_dir
+from ..io import atomic_dir, check_output_dir, check_writable_parent, write_marker
 from ..training.config import opt
 from .pairs import FORMAT, PairRecord, write_pairs
 
@@ -60,13 +60,17 @@ def convert_pickapic(cfg: PickapicConfig) -> Path:
         raise SelfNPOError("reading Pick-a-Pic needs pyarrow: pip install 'selfnpo[pickapic]'") from None
     if not cfg.input:
         raise SelfNPOError("--input is required")
+    if cfg.max_pairs < 0:
+        raise SelfNPOError("--max-pairs must be >= 0")
     out = Path(cfg.output_dir)
-    if out.exists() and not cfg.overwrite:
-        raise SelfNPOError(f"{out}: exists; pass --overwrite to replace it")
     shards = _shards(Path(cfg.input))
+    legacy = lambda o: (o / "pairs_meta.json").is_file()  # noqa: E731 - folders of earlier versions
+    check_output_dir(out, "pairs", overwrite=cfg.overwrite, legacy=legacy)
+    check_writable_parent(out)
     records: list[PairRecord] = []
     ties = 0
     with atomic_dir(out) as tmp:
+        write_marker(tmp, "pairs")
         (tmp / "images").mkdir()
         for shard in shards:
             try:

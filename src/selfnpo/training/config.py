@@ -17,9 +17,23 @@ def with_defaults(cls: type, saved: dict) -> dict:
     return {**{f.name: f.default for f in dataclasses.fields(cls)}, **saved}
 
 
+MAX_SEED = 2**32 - 1  # numpy, torch and every generator accept it, also with + index
+
+
+def check_finite(cfg) -> None:
+    """Name the first float setting of ``cfg`` that is NaN or infinite (it would only show up
+    later as a non-finite loss or silently wrong images)."""
+    import math
+
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SelfNPOError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+
+
 @dataclass
 class TrainConfig:
-    """Self-NPO training. Defaults follow the authors' code (METHOD.md) except where noted."""
+    """Self-NPO training. Defaults follow the authors' code (docs/method.md) except where noted."""
 
     model: str = opt("", "diffusers model folder or hub id (SD1.5-type, SDXL-type or SD3 pipeline)")
     prompts: str = opt("", "prompt file: .txt (one per line), .tsv with a Prompt column, or .jsonl")
@@ -164,8 +178,14 @@ class TrainConfig:
             raise SelfNPOError("--prompts is required")
         if self.source == "images" and not self.image_dir:
             raise SelfNPOError("--source images needs --image-dir")
+        check_finite(self)
         checks = [
             (self.steps >= 1, "--steps must be >= 1"),
+            (self.log_every >= 1, "--log-every must be >= 1"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}"),
+            (self.lora_alpha >= 0, "--lora-alpha must be >= 0 (0 = same as rank)"),
+            (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 = off)"),
+            (bool(self.lora_targets.strip(" ,")), "--lora-targets must name at least one UNet module"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.grad_accum >= 1, "--grad-accum must be >= 1"),
             (1 <= self.grid_steps <= 1000, "--grid-steps must be in 1..1000"),
@@ -182,7 +202,11 @@ class TrainConfig:
             (self.pool_size >= 1, "--pool-size must be >= 1"),
             (0.0 <= self.caption_dropout <= 1.0, "--caption-dropout must be in [0, 1]"),
             (0.0 <= self.snr_gamma < float("inf"), "--snr-gamma must be a finite number >= 0"),
-            (self.resolution >= 0, "--resolution must be >= 0"),
+            (
+                self.resolution == 0 or (self.resolution >= 16 and self.resolution % 8 == 0),
+                "--resolution must be 0 (the model's default) or a multiple of 8 of at least 16",
+            ),
+            (self.resolution <= 4096, "--resolution must be <= 4096"),
             (self.frames >= 0, "--frames must be >= 0"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
@@ -224,4 +248,4 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # fields that may differ between a run and its resumption
-    RESUMABLE_CHANGES = ("resume", "overwrite", "device", "log_every", "steps")
+    RESUMABLE_CHANGES = ("resume", "overwrite", "device", "log_every", "steps", "output_dir")

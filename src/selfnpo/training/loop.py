@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 
 from ..errors import SelfNPOError
-from ..io import atomic_dir, atomic_write_text, read_prompts, remove_stale_temps
+from ..io import (
+    atomic_dir,
+    atomic_write_text,
+    claim_output_dir,
+    lock_dir,
+    read_prompts,
+    remove_stale_temps,
+    removed_on_failure,
+)
 from ..models import model_for
 from ..models.loading import load_pipeline, resolve_model_class
 from ..models.sd import DiffusionModel
@@ -43,36 +51,52 @@ class RunResult:
     final_loss: float
 
 
+_RUN_FILES = {"config.json", "log.jsonl", "pool.safetensors", "checkpoints", "offset", "model"}
+
+
+def _legacy_run(run: Path) -> bool:
+    """A run folder written before folders were marked: config.json, a log or checkpoints, and
+    nothing that a run does not write."""
+    names = {p.name for p in run.iterdir() if not p.name.endswith(".tmp")}
+    return "config.json" in names and bool(names & {"checkpoints", "log.jsonl"}) and names <= _RUN_FILES
+
+
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     """Create the run folder, or return it for resumption; never silently replace anything."""
     run = Path(cfg.output_dir)
     cfg_file = run / "config.json"
-    if run.exists() and (not run.is_dir() or any(run.iterdir())):
-        if cfg.resume and cfg_file.is_file():
-            _check_same_run(cfg, json.loads(cfg_file.read_text()))
-            for folder in (run, run / "checkpoints"):
-                remove_stale_temps(folder)
-            return run, True
-        if cfg.overwrite:
-            if not cfg_file.is_file():
-                raise SelfNPOError(f"{run}: exists and is not a selfnpo run folder; refusing to overwrite it")
-            shutil.rmtree(run)
-        else:
-            raise SelfNPOError(
-                f"{run}: run folder exists; pass --resume to continue it or --overwrite to replace it"
-            )
+    resuming = claim_output_dir(run, "train", overwrite=cfg.overwrite, resume=cfg.resume, legacy=_legacy_run)
+    if resuming and cfg_file.is_file():
+        try:
+            saved = json.loads(cfg_file.read_text(encoding="utf-8"))
+            if not isinstance(saved, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SelfNPOError(f"{cfg_file}: damaged, cannot resume ({e})") from None
+        _check_same_run(cfg, saved)
+        for folder in (run, run / "checkpoints"):
+            remove_stale_temps(folder)
+        return run, True
     try:
-        run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg_file, json.dumps(cfg.to_dict(), indent=2))
     except OSError as e:
         raise SelfNPOError(f"{run}: cannot write the run folder ({e.strerror})") from None
-    return run, False
+    return run, resuming
+
+
+_PATHS = ("model", "prompts", "image_dir", "pairs")
+
+
+def _same(k: str, a, b) -> bool:
+    if k in _PATHS and isinstance(a, str) and isinstance(b, str) and a and b:
+        return a == b or os.path.realpath(a) == os.path.realpath(b)
+    return a == b
 
 
 def _check_same_run(cfg: TrainConfig, saved: dict) -> None:
     saved = with_defaults(TrainConfig, saved)
     for k, v in cfg.to_dict().items():
-        if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != v:
+        if k not in TrainConfig.RESUMABLE_CHANGES and not _same(k, saved.get(k), v):
             raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r} in this run, now {v!r}")
 
 
@@ -121,22 +145,60 @@ def _trim_log(run: Path, step: int) -> None:
     atomic_write_text(p, "".join(x + "\n" for x in keep))
 
 
-def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None, pipe=None) -> RunResult:
-    """Run (or resume) one training job described by ``cfg``; returns where the offset was written."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+def train(
+    cfg: TrainConfig,
+    progress: bool = True,
+    source: Source | None = None,
+    pipe=None,
+    model: DiffusionModel | None = None,
+) -> RunResult:
+    """Run (or resume) one training job described by ``cfg``; returns where the offset was written.
+
+    ``pipe``: an already loaded pipeline instead of ``cfg.model``; ``model``: a ready denoiser
+    adapter (e.g. :class:`selfnpo.toy2d.model.Toy2DModel`), whose network is trained in place.
+    """
 
     cfg.validate()
     needs_prompts = source is None and cfg.source != "images" and not cfg.pairs
     prompts = read_prompts(cfg.prompts) if needs_prompts else []
-    if pipe is None:
+    if pipe is None and model is None:
         resolve_model_class(cfg.model)
+    cpu = _check_device(cfg)
     run, resuming = prepare_run_dir(cfg)
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
-    if pipe is None:
-        pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
-    model = model_for(pipe, resolution=cfg.resolution or None, frames=cfg.frames or None)
+    lock = lock_dir(run)
+    try:
+        with removed_on_failure(run, not resuming, keep=lambda r: (r / "checkpoints").is_dir()):
+            return _train(cfg, progress, source, pipe, prompts, run, resuming, cpu, model)
+    finally:
+        lock.close()
+
+
+def _check_device(cfg: TrainConfig) -> bool:
+    """Whether to train on the CPU; a device that is not there is an error, never a silent CPU run."""
+    from ..models.loading import check_device
+
+    dev = check_device(cfg.device)
+    cpu = dev.type == "cpu"
+    if cpu and cfg.mixed_precision != "no":
+        log.warning("--mixed-precision %s has no effect on the CPU; training in fp32", cfg.mixed_precision)
+    return cpu
+
+
+def _train(
+    cfg: TrainConfig, progress, source, pipe, prompts, run: Path, resuming: bool, cpu: bool, model=None
+) -> RunResult:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    acc = Accelerator(mixed_precision="no" if cpu else cfg.mixed_precision, cpu=cpu)
+    if model is None:
+        if pipe is None:
+            pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
+        model = model_for(pipe, resolution=cfg.resolution or None, frames=cfg.frames or None)
+    if cfg.resolution and cfg.resolution % model.vae_scale:
+        raise SelfNPOError(
+            f"--resolution {cfg.resolution} is not a multiple of this model's VAE factor {model.vae_scale}"
+        )
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     offset = TrainableOffset(model, cfg)
     opt = torch.optim.AdamW(offset.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -162,8 +224,10 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
         desc=cfg.objective,
         disable=not (progress and acc.is_main_process),
     )
+    first, skipped = step, 0
     while step < cfg.steps:
         loss_val = _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run)
+        skipped += loss_val != loss_val  # NaN: a step skipped by --nonfinite skip
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.4g}")
@@ -177,6 +241,11 @@ def train(cfg: TrainConfig, progress: bool = True, source: Source | None = None,
         ):
             _checkpoint(run, step, offset, opt, gen, cfg)
     bar.close()
+    if first == 0 and skipped == step:
+        raise SelfNPOError(
+            f"all {step} steps had a non-finite loss or gradient and were skipped (--nonfinite skip); "
+            "the offset is untrained and was not written"
+        )
     wall = time.perf_counter() - t0
     meta = {"objective": cfg.objective, "base_model": cfg.model, "steps": step, "train": cfg.train}
     out = offset.save(run / "offset", meta) if acc.is_main_process else run / "offset"

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Cond
+from ..errors import SelfNPOError
 from ..models.sd import DiffusionModel
 from ..offsets import activate_adapters, adapter_scales, save_full_delta, save_lora
 
@@ -64,7 +65,15 @@ class TrainableOffset:
             init_lora_weights="gaussian",
             target_modules=targets,
         )
-        unet.add_adapter(lc, adapter_name=STUDENT)
+        if not targets:
+            raise SelfNPOError("--lora-targets must name at least one UNet module")
+        try:
+            unet.add_adapter(lc, adapter_name=STUDENT)
+        except (ValueError, KeyError, TypeError) as e:
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise SelfNPOError(
+                f"--lora-targets {self.cfg.lora_targets!r} does not fit this UNet ({msg})"
+            ) from None
         unet.add_adapter(copy.deepcopy(lc), adapter_name=TEACHER)
         activate_adapters(unet, [STUDENT, TEACHER])
         for n, p in unet.named_parameters():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SelfNPOError
-from ..io import atomic_dir, atomic_write_text
+from ..io import atomic_dir, atomic_write_text, claim_output_dir
 from ..training.checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from ..training.config import opt
 from .captions import RELATIONS, CaptionLabels, caption, caption_with_labels
@@ -114,6 +113,12 @@ class PretrainConfig:
             raise SelfNPOError("--snr-gamma must be a finite number >= 0")
         if self.resume and self.overwrite:
             raise SelfNPOError("--resume and --overwrite exclude each other")
+        if self.checkpoint_every < 1:
+            raise SelfNPOError("--checkpoint-every must be >= 1")
+        if not 0 <= self.seed < 2**32:
+            raise SelfNPOError("--seed must be in 0..4294967295")
+        if not 0 <= self.caption_dropout <= 1:
+            raise SelfNPOError("--caption-dropout must be in [0, 1]")
         return self
 
 
@@ -319,9 +324,13 @@ def set_latent_scale(pipe, seed: int) -> float:
 def _prepare(cfg: PretrainConfig) -> Path:
     run = Path(cfg.output_dir)
     marker = run / "pretrain_config.json"
-    if run.exists() and any(run.iterdir()):
-        if cfg.resume and marker.is_file():
-            saved = json.loads(marker.read_text())
+    legacy = lambda r: marker.is_file()  # noqa: E731 - run folders of earlier versions
+    if claim_output_dir(run, "pretrain", overwrite=cfg.overwrite, resume=cfg.resume, legacy=legacy):
+        if marker.is_file():
+            try:
+                saved = json.loads(marker.read_text())
+            except ValueError as e:
+                raise SelfNPOError(f"{marker}: damaged, cannot resume ({e})") from None
             for k in (
                 "vae_steps",
                 "text_steps",
@@ -339,15 +348,7 @@ def _prepare(cfg: PretrainConfig) -> Path:
                 if saved.get(k) != getattr(cfg, k):
                     raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r}, now {getattr(cfg, k)!r}")
             return run
-        if not cfg.overwrite:
-            raise SelfNPOError(
-                f"{run}: run folder exists; pass --resume to continue it or --overwrite to replace it"
-            )
-        if not marker.is_file():
-            raise SelfNPOError(f"{run}: exists and is not a pretraining run folder; refusing to overwrite it")
-        shutil.rmtree(run)
     try:
-        run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(marker, json.dumps(asdict(cfg), indent=2))
     except OSError as e:
         raise SelfNPOError(f"{run}: cannot write the run folder ({e.strerror})") from None
