@@ -207,3 +207,25 @@ def test_merged_offset_equals_the_lora_at_its_scale(tiny_cog, cog_lora, tmp_path
         torch.testing.assert_close(
             merged.transformer(**kw)[0], ref.transformer(**kw)[0], rtol=1e-4, atol=1e-5
         )
+
+
+def test_rotary_embeddings_are_not_split_with_the_batch(tiny_cog, cog_lora):
+    """13 frames -> 4 latent frames -> 4 rotary positions, as many as the CFG batch of 2 prompts:
+    the position tables must still go whole to both halves."""
+
+    def run(pipe):
+        return pipe(
+            ["a red circle", "green star"],
+            guidance_scale=6.0,
+            height=RES,
+            width=RES,
+            num_frames=13,
+            num_inference_steps=2,
+            generator=[torch.Generator().manual_seed(i) for i in range(2)],
+            output_type="np",
+        ).frames
+
+    plain = run(_load(tiny_cog))
+    pipe = _load(tiny_cog)
+    with NPOGuidance(pipe, negative=cog_lora, beta=1e-12):  # branches differ: the call is split
+        np.testing.assert_allclose(run(pipe), plain, atol=1e-5)

@@ -41,6 +41,11 @@ from .offsets import (
 ETA, DELTA = "selfnpo_eta", "selfnpo_delta"
 
 
+# keyword arguments that are per position, not per sample, whatever their first size
+# (CogVideoX's rotary tables [positions, dim], Flux's position ids)
+_UNBATCHED = ("image_rotary_emb", "txt_ids", "img_ids")
+
+
 def _split(obj, n: int, half: int):
     """The ``half``-th half (0 = negative, 1 = positive) of every batch-``n`` tensor in ``obj``."""
     if isinstance(obj, Tensor) and obj.ndim > 0 and obj.shape[0] == n:
@@ -219,7 +224,7 @@ class NPOGuidance:
             outs = []
             for half, w in ((0, neg_w), (1, pos_w)):
                 a = [_split(x, n, half) for x in args]
-                kw = {k: _split(v, n, half) for k, v in kwargs.items()}
+                kw = {k: (v if k in _UNBATCHED else _split(v, n, half)) for k, v in kwargs.items()}
                 outs.append(self._call(w, a, kw))
             out = outs[0]
             neg, pos = (o[0] if tuple_out else o.sample for o in outs)
