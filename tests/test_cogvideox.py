@@ -229,3 +229,25 @@ def test_rotary_embeddings_are_not_split_with_the_batch(tiny_cog, cog_lora):
     pipe = _load(tiny_cog)
     with NPOGuidance(pipe, negative=cog_lora, beta=1e-12):  # branches differ: the call is split
         np.testing.assert_allclose(run(pipe), plain, atol=1e-5)
+
+
+def test_generate_writes_gif_videos(tiny_cog, cog_lora, tmp_path):
+    from PIL import Image
+
+    from selfnpo.generate import GenerateConfig, generate
+
+    cfg = GenerateConfig(
+        model=tiny_cog,
+        prompt="a red circle",
+        steps=2,
+        resolution=RES,
+        frames=FRAMES,
+        guidance_scale=6.0,
+        video_format="gif",
+        negative_offset=str(cog_lora),
+        device="cpu",
+        output_dir=str(tmp_path / "v"),
+    )
+    jobs = generate(cfg, progress=False)
+    im = Image.open(tmp_path / "v" / jobs[0]["file"])
+    assert jobs[0]["file"].endswith(".gif") and im.size == (RES, RES) and im.n_frames == FRAMES
