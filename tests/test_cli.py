@@ -21,7 +21,7 @@ def _run(capsys, *argv):
 def _bad_model_folder(tmp_path):
     d = tmp_path / "flux"
     d.mkdir()
-    (d / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
     return str(d)
 
 
@@ -79,7 +79,7 @@ TRAIN_CASES = {
     ),
     "unsupported pipeline class": (
         lambda t, m, p: ["--model", _bad_model_folder(t), "--prompts", p],
-        "FluxPipeline is not supported",
+        "HunyuanVideoPipeline is not supported",
     ),
     "hub id while offline": (
         lambda t, m, p: ["--model", "someone/some-model", "--prompts", p],
@@ -762,19 +762,26 @@ def test_version_and_help(capsys):
 def test_demo_console_line_compares_with_the_base_of_the_same_g():
     from selfnpo.demo import DemoConfig, _sweep
 
+    def value(key):
+        return 0.5 + key[1] if key[0] == "base" else (0.9 if key[2] == 0.5 else 0.7) + key[1]
+
     class Bench:
         def run(self, key, *a):
             pass
 
         def summary(self, key, base_key):
-            value = 0.5 if key[0] == "base" else (0.9 if key[2] == 0.5 else 0.7)
-            return {"alignment": (value + key[1], 0, 0)}
+            if base_key is None:
+                return {}
+            d = value(key) - value(base_key)  # the paired difference against the base it was given
+            paired = {m: {"diff": (d, d, d)} for m in ("reward", "alignment", "kid")}
+            return {"paired": paired, "verdict": "v"}
 
     lines = []
     _sweep(DemoConfig(guidance_scales="1,2", betas="0.5,1"), Bench(), None, lines.append)
-    assert lines == [
-        "g=1.0 beta=0.5: alignment 1.900 vs 1.500",
-        "g=1.0 beta=1.0: alignment 1.700 vs 1.500",
-        "g=2.0 beta=0.5: alignment 2.900 vs 2.500",
-        "g=2.0 beta=1.0: alignment 2.700 vs 2.500",
+    assert [ln.split(": reward ")[0] for ln in lines] == [
+        "g=1 beta=0.5",
+        "g=1 beta=1",
+        "g=2 beta=0.5",
+        "g=2 beta=1",
     ]
+    assert [float(ln.split(": reward ")[1].split(" ")[0]) for ln in lines] == [0.4, 0.2, 0.4, 0.2]

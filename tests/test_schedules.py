@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from test_math import AC, Mixture
@@ -185,3 +186,33 @@ def test_flow_sampling_converges_to_the_exact_ode_answer():
         (ddim_sample(model, velocity, z, ddim_grid(n)) - exact).abs().max().item() for n in (10, 100, 1000)
     ]
     assert errs[1] < errs[0] / 4 and errs[2] < errs[1] / 4 and errs[2] < 5e-3, errs
+
+
+@pytest.mark.parametrize("seq_len,kind", [(16, "exponential"), (1024, "exponential"), (4096, "linear")])
+def test_dynamic_shift_is_the_flux_pipelines_time_shift(seq_len, kind):
+    """``set_timesteps(sigmas, mu)`` of a dynamic-shift scheduler (Flux) gives FlowSchedule's sigmas
+    with the shift of ``seq_len`` tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type=kind)
+    fs = schedule_for(sched, image_seq_len=seq_len)
+    u = np.linspace(1.0, 1 / 20, 20)
+    sched.set_timesteps(sigmas=u, mu=calculate_shift(seq_len, 256, 4096, 0.5, 1.15))
+    np.testing.assert_allclose(
+        fs.sigma_at(torch.from_numpy(u)).numpy(), sched.sigmas[:-1].double().numpy(), atol=1e-6
+    )
+
+
+def test_flow_unipc_sigmas_lie_on_the_flow_schedule():
+    """Wan's UniPC on flow sigmas samples ``flow_shift``-shifted levels: FlowSchedule's curve."""
+    from diffusers import UniPCMultistepScheduler
+
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    fs = schedule_for(sched)
+    assert isinstance(fs, FlowSchedule) and fs.shift == 5.0
+    sched.set_timesteps(10)
+    u = np.linspace(1, 1 / 1000, 11)[:-1]  # UniPC's unshifted levels, noisiest first
+    np.testing.assert_allclose(
+        fs.sigma_at(torch.from_numpy(u)).numpy(), sched.sigmas[:-1].double().numpy(), atol=1e-6
+    )

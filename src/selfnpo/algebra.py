@@ -35,11 +35,18 @@ _TMP_ADAPTER = "selfnpo_algebra"
 
 def _lora_loader(unet: nn.Module) -> tuple[type, str]:
     """The diffusers pipeline class whose LoRA loader matches the network, and the network's
-    name in LoRA files (``unet`` for SD1.5/SDXL-type UNets, ``transformer`` for SD3)."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    name in LoRA files (``unet`` for SD1.5/SDXL-type UNets, ``transformer`` for the others)."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if type(unet).__name__ == "SD3Transformer2DModel":
-        return StableDiffusion3Pipeline, "transformer"
+    transformers = {
+        "SD3Transformer2DModel": "StableDiffusion3Pipeline",
+        "FluxTransformer2DModel": "FluxPipeline",
+        "WanTransformer3DModel": "WanPipeline",
+        "CogVideoXTransformer3DModel": "CogVideoXPipeline",
+    }
+    if type(unet).__name__ in transformers:
+        return getattr(diffusers, transformers[type(unet).__name__]), "transformer"
     sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
     return (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline), "unet"
 
@@ -99,8 +106,9 @@ def lora_delta(lora_file: str | Path, unet: nn.Module) -> dict[str, Tensor]:
                     state, network_alphas=alphas, unet=unet, adapter_name=_TMP_ADAPTER, metadata=meta
                 )
             else:
+                extra = {"network_alphas": alphas} if loader.__name__ == "FluxPipeline" else {}
                 loader.load_lora_into_transformer(
-                    state, transformer=unet, adapter_name=_TMP_ADAPTER, metadata=meta
+                    state, transformer=unet, adapter_name=_TMP_ADAPTER, metadata=meta, **extra
                 )
         layers = {
             n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and _TMP_ADAPTER in m.scaling
@@ -234,7 +242,7 @@ def parse_offsets(spec: str) -> list[tuple[str, float]]:
 class MergeConfig:
     """Merge weight offsets into a standalone diffusers model: theta + sum_i scale_i * offset_i."""
 
-    model: str = opt("", "diffusers model folder (SD1.5-type, SDXL-type or SD3 pipeline)")
+    model: str = opt("", "diffusers model folder (any supported family, docs/models.md)")
     offsets: str = opt(
         "",
         "comma-separated PATH[:SCALE] (LoRA or full-delta safetensors, file or run offset folder); "

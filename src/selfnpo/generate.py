@@ -1,5 +1,9 @@
 """Batch generation with NPO guidance through the model's own diffusers pipeline.
 
+Video pipelines (Wan, CogVideoX) write one mp4 (or GIF) per sample instead of a PNG. Flux.1-dev
+runs its negative branch only under true CFG: ``--guidance-scale`` is then true CFG's scale and
+``--distilled-guidance`` the guidance embedding both of its calls get.
+
 Image ``i`` (prompt ``i // n``, repeat ``i % n``) always uses seed ``seed + i``, so a resumed or
 re-batched job produces the same set. Every image is written atomically; a killed job re-run
 with ``--resume`` skips the images that exist.
@@ -65,6 +69,14 @@ class GenerateConfig:
     num_images_per_prompt: int = opt(1, "images per prompt")
     batch_size: int = opt(8, "images per pipeline call")
     seed: int = opt(0, "image i uses seed + i")
+    distilled_guidance: float = opt(
+        3.5, "Flux.1-dev: the guidance embedding both branches get (--guidance-scale is true CFG's scale)"
+    )
+    frames: int = opt(0, "video pipelines: frames per video (0 = the pipeline's default)")
+    fps: int = opt(0, "video pipelines: frame rate of the written files (0 = Wan 16, CogVideoX 8)")
+    video_format: str = opt(
+        "mp4", "video pipelines: mp4 (needs imageio-ffmpeg; falls back to gif) or gif", choices=("mp4", "gif")
+    )
     resolution: int = opt(0, "image size (0 = the model's default)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     dtype: str = opt("auto", "auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
@@ -94,6 +106,8 @@ class GenerateConfig:
             ),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
             (0.0 <= self.r0_eta <= 1.0, "--r0-eta must be in [0, 1]"),
+            (self.frames >= 0 and self.fps >= 0, "--frames and --fps must be >= 0"),
+            (self.video_format in ("mp4", "gif"), "--video-format must be mp4 or gif"),
             (
                 abs(self.alpha) <= 10 and abs(self.beta) <= 10,
                 "--alpha and --beta must be in [-10, 10]",
@@ -182,17 +196,25 @@ def _prepare_output(cfg: GenerateConfig, hashes: dict[str, str] | None = None) -
 
 
 def _finished(path: Path) -> bool:
-    """Whether ``path`` is a PNG that decodes fully (a truncated or garbage file is made again)."""
+    """Whether ``path`` is a PNG that decodes fully (a truncated or garbage file is made again);
+    videos are written atomically, so one that exists is whole."""
     from PIL import Image
 
     if not path.is_file():
         return False
+    if path.suffix != ".png":
+        return path.stat().st_size > 0
     try:
         with Image.open(path) as im:
             im.load()
             return im.format == "PNG"
     except Exception:  # noqa: BLE001 - any decoding failure: not finished
         return False
+
+
+def _has_outputs(out: Path) -> bool:
+    """Whether a failed job's folder holds finished images or videos worth keeping."""
+    return any(any(out.glob(f"*.{ext}")) for ext in ("png", "mp4", "gif"))
 
 
 def _warn_no_effect(cfg: GenerateConfig) -> None:
@@ -229,7 +251,7 @@ def generate(
     out, resuming = _prepare_output(cfg, _offset_hashes(cfg))
     lock = lock_dir(out)
     try:
-        with removed_on_failure(out, not resuming, keep=lambda o: any(o.glob("*.png"))):
+        with removed_on_failure(out, not resuming, keep=_has_outputs):
             return _generate(cfg, pipe, progress, prompts, out, guidance, call_kwargs)
     finally:
         lock.close()
@@ -241,12 +263,15 @@ def _generate(
     import diffusers
     from tqdm.auto import tqdm
 
+    from .models import family
     from .models.loading import load_pipeline
     from .npo import NPOGuidance
+    from .video import FPS, video_format, write_video
 
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
     flow = type(pipe.scheduler).__name__.startswith("FlowMatch")
+    flow = flow or bool(pipe.scheduler.config.get("use_flow_sigmas", False))  # Wan's flow UniPC
     if cfg.scheduler and cfg.scheduler.startswith("FlowMatch") != flow:
         kind = "a flow-matching" if flow else "a diffusion (VP)"
         raise SelfNPOError(f"--scheduler {cfg.scheduler} does not fit {type(pipe).__name__}, {kind} model")
@@ -268,9 +293,11 @@ def _generate(
             beta=cfg.beta,
         )
     )
+    fam = family(pipe)
+    ext = video_format(cfg.video_format) if fam in FPS else "png"
     n = cfg.num_images_per_prompt
     jobs = [
-        {"index": i, "prompt": prompts[i // n], "seed": cfg.seed + i, "file": f"{i:05d}.png"}
+        {"index": i, "prompt": prompts[i // n], "seed": cfg.seed + i, "file": f"{i:05d}.{ext}"}
         for i in range(len(prompts) * n)
     ]
     # Batches are aligned to absolute indices so that a resumed job runs the same batches
@@ -285,21 +312,41 @@ def _generate(
         for chunk in todo:
             gens = [torch.Generator(dev).manual_seed(j["seed"]) for j in chunk]
             kw = dict(negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None)
+            kw.update(_family_kwargs(cfg, fam, len(chunk)))
             kw.update(call_kwargs(chunk) if call_kwargs else {})
-            images = pipe(
+            result = pipe(
                 [j["prompt"] for j in chunk],
-                guidance_scale=cfg.guidance_scale,
                 num_inference_steps=cfg.steps,
                 generator=gens,
                 height=res,
                 width=res,
                 **kw,
-            ).images
+            )
+            images = result.frames if ext != "png" else result.images
             for j, im in zip(chunk, images, strict=True):
                 if j["file"] in finished:
+                    continue
+                if ext != "png":
+                    write_video(im, out / j["file"], cfg.fps or FPS[fam], ext)
                     continue
                 with atomic_path(out / j["file"]) as tmp:
                     im.save(tmp, format="PNG")
             bar.update(len(chunk))
     atomic_write_text(out / "images.jsonl", "".join(json.dumps(j) + "\n" for j in jobs))
     return jobs
+
+
+def _family_kwargs(cfg: GenerateConfig, fam: str, n: int) -> dict:
+    """Pipeline arguments that differ by family: Flux's true CFG, video length and output type."""
+    if fam == "flux":
+        # true CFG (the only negative branch Flux has) needs a negative prompt, the empty one by default
+        neg = [cfg.negative_prompt] * n
+        return dict(
+            guidance_scale=cfg.distilled_guidance, true_cfg_scale=cfg.guidance_scale, negative_prompt=neg
+        )
+    kw: dict = {"guidance_scale": cfg.guidance_scale}
+    if fam in ("wan", "cogvideox"):
+        kw["output_type"] = "np"
+        if cfg.frames:
+            kw["num_frames"] = cfg.frames
+    return kw

@@ -6,7 +6,11 @@ pipelines evaluate classifier-free guidance as one UNet call on ``cat([negative,
 while attached, :class:`NPOGuidance` keeps that one call and picks the LoRA adapter per sample
 (peft's mixed-batch inference) where each branch is the base plus at most one LoRA offset, and
 otherwise (full-weight deltas, DoRA, two offsets in one branch, other active adapters) splits
-the call in two and runs each half with its own weights. The user's pipeline, schedulers, LoRAs and other components stay as they are.
+the call in two and runs each half with its own weights. Pipelines that make separate
+conditional and unconditional calls (Flux's true CFG, Wan) name them through
+``transformer.cache_context("cond" / "uncond")``; while attached, that method is wrapped so the
+call made inside ``"uncond"`` runs with the negative weights. The user's pipeline, schedulers,
+LoRAs and other components stay as they are.
 
 Example::
 
@@ -17,12 +21,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from .errors import SelfNPOError
+from .models import check_supported
 from .models.sd import denoiser_network
 from .offsets import (
     BASE,
@@ -40,6 +46,11 @@ from .offsets import (
 )
 
 ETA, DELTA = "selfnpo_eta", "selfnpo_delta"
+
+
+# keyword arguments that are per position, not per sample, whatever their first size
+# (CogVideoX's rotary tables [positions, dim], Flux's position ids)
+_UNBATCHED = ("image_rotary_emb", "txt_ids", "img_ids")
 
 
 def _split(obj, n: int, half: int):
@@ -84,6 +95,7 @@ class NPOGuidance:
 
         if mode not in ("auto", "single", "split"):
             raise ValueError(f"mode must be auto, single or split, not {mode!r}")
+        check_supported(pipe)
         self.pipe, self.unet = pipe, denoiser_network(pipe)
         self.alpha, self.beta = float(alpha), float(beta)
         if not (math.isfinite(self.alpha) and math.isfinite(self.beta)):
@@ -97,6 +109,8 @@ class NPOGuidance:
         self._loaded = False
         self._orig = None
         self._inside = False
+        self._context: str | None = None  # the cache-context name of the current call, if any
+        self._orig_cache_context = None
         for name, src in ((ETA, positive), (DELTA, negative)):
             if src is not None:
                 self._prepare(name, src)
@@ -212,10 +226,12 @@ class NPOGuidance:
         # UNets are called as (sample, timestep, ...), SD3's transformer with keywords only
         if self._inside:
             return self._orig(*args, **kwargs)
+        if self._context in ("cond", "uncond"):  # one branch per call ("cond_uncond" is batched)
+            return self._separate_call(args, kwargs)
         pos_w, neg_w = self.branch_weights(False), self.branch_weights(True)
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         n = sample.shape[0]
-        cfg_on = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
+        cfg_on = self._batched_cfg() and n % 2 == 0
         cfg_on = cfg_on and kwargs.get("skip_layers") is None  # SD3's skip-layer pass: conditional only
         if not cfg_on or (pos_w == neg_w and self.rule is None):
             # identical branches: one batched call, as diffusers does
@@ -235,7 +251,7 @@ class NPOGuidance:
             outs = []
             for half, w in ((0, neg_w), (1, pos_w)):
                 a = [_split(x, n, half) for x in args]
-                kw = {k: _split(v, n, half) for k, v in kwargs.items()}
+                kw = {k: (v if k in _UNBATCHED else _split(v, n, half)) for k, v in kwargs.items()}
                 outs.append(self._call(w, a, kw))
             out = outs[0]
             neg, pos = (o[0] if tuple_out else o.sample for o in outs)
@@ -297,6 +313,33 @@ class NPOGuidance:
         self.last_call = "single"
         return out
 
+    def _batched_cfg(self) -> bool:
+        """Whether the pipeline is running CFG now; pipelines without ``do_classifier_free_guidance``
+        (CogVideoX) decide it as ``guidance_scale > 1``, which they keep as ``_guidance_scale``."""
+        on = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if on is None:
+            on = float(getattr(self.pipe, "_guidance_scale", None) or 1.0) > 1.0
+        return bool(on)
+
+    def _separate_call(self, args, kwargs):
+        """One branch of a pipeline that calls the network once per branch: the call inside
+        ``cache_context("uncond")`` gets the negative weights, any other the positive ones."""
+        if self.rule is not None:
+            raise SelfNPOError(
+                f"guidance rules need one batched CFG call; {type(self.pipe).__name__} makes separate calls"
+            )
+        return self._call(self.branch_weights(self._context == "uncond"), args, kwargs)
+
+    @contextlib.contextmanager
+    def _named_call(self, name: str, **kw):
+        """Stands in for ``transformer.cache_context`` while attached: records the branch name."""
+        prev, self._context = self._context, name
+        try:
+            with self._orig_cache_context(name, **kw):
+                yield
+        finally:
+            self._context = prev
+
     def _ruled_positive(self, neg: Tensor, pos: Tensor, x_t: Tensor, timestep) -> Tensor:
         """The positive half for which the pipeline's ``neg + g (pos' - neg)`` is ``rule(neg, pos)``."""
         g = float(self.pipe.guidance_scale)
@@ -311,6 +354,9 @@ class NPOGuidance:
             self._lora_layers = None  # loading wrapped layers: find them again on the next call
             self._orig = self.unet.forward
             self.unet.forward = self._forward
+            if hasattr(self.unet, "cache_context") and "cache_context" not in vars(self.unet):
+                self._orig_cache_context = self.unet.cache_context
+                self.unet.cache_context = self._named_call
         return self
 
     def detach(self) -> None:
@@ -318,6 +364,9 @@ class NPOGuidance:
         if self._orig is not None:
             self.unet.forward = self._orig
             self._orig = None
+            if self._orig_cache_context is not None:
+                del self.unet.cache_context  # the class's own method again
+                self._orig_cache_context = None
             deactivate_adapters(self.unet, self._lora)
             self._unload_loras()
 

@@ -200,6 +200,35 @@ def check_lora_family(path: str | Path, pipe) -> None:
         raise SelfNPOError(
             f"{p}: LoRA of a model with a {other}, but {type(pipe).__name__} has a {want} (another model family)"
         )
+    from .models import family
+
+    meta = p.parent / "selfnpo_offset.json"
+    saved = json.loads(meta.read_text()).get("family") if meta.is_file() else None
+    if saved is not None and saved != family(pipe):
+        raise SelfNPOError(
+            f"{p}: offset trained on a {saved} model, but {type(pipe).__name__} is {family(pipe)} (another model family)"
+        )
+    if want == "transformer":  # every transformer family's keys start alike: check the layers they name
+        _check_lora_layers(p, keys, pipe.transformer)
+
+
+def _check_lora_layers(p: Path, keys: list[str], net: nn.Module) -> None:
+    """Refuse a ``transformer.`` LoRA naming layers ``net`` lacks, or of other input widths."""
+    import re
+
+    modules = dict(net.named_modules())
+    with safe_open(str(p), "pt") as f:
+        for k in keys:
+            m = re.match(r"transformer\.(.+?)\.lora(?:_A|\.down)\.weight$", k)
+            if m is None:
+                continue
+            layer = modules.get(m.group(1))
+            width = getattr(getattr(layer, "base_layer", layer), "in_features", None)
+            if layer is None or (width is not None and f.get_slice(k).get_shape()[-1] != width):
+                raise SelfNPOError(
+                    f"{p}: LoRA layer {m.group(1)!r} is missing from or does not fit this {type(net).__name__} "
+                    "(another model family)"
+                )
 
 
 def load_full_delta(path: str | Path, unet: nn.Module) -> dict[str, Tensor]:
@@ -233,6 +262,9 @@ def save_lora(pipe, unet: nn.Module, adapter: str, out_dir: str | Path, meta: Ma
     name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     if name == "unet":
         state = convert_state_dict_to_diffusers(state)
+    from .models import family
+
+    meta = {"family": family(pipe), **meta}
     config = unet.peft_config[adapter].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     layers = {f"{name}_lora_layers": state, f"{name}_lora_adapter_metadata": config}

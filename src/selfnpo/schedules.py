@@ -160,14 +160,47 @@ class FlowSchedule(Schedule):
         return (self.alpha_sigma(t)[1] * self.num_train_timesteps).float()
 
 
-def schedule_for(scheduler) -> Schedule:
-    """The training schedule of a diffusers scheduler (read from its config, never its sampling state)."""
+def dynamic_shift(scheduler, image_seq_len: int) -> float:
+    """The time shift a resolution-dependent flow scheduler applies at ``image_seq_len`` tokens.
+
+    Flux's pipeline sets ``mu`` linearly in the packed image sequence length (``calculate_shift``
+    between ``base_image_seq_len`` and ``max_image_seq_len``); the scheduler's exponential shift
+    ``e^mu / (e^mu + (1/u - 1))`` is then :func:`shift_sigma` with ``shift = e^mu`` (``mu`` itself
+    for ``time_shift_type="linear"``).
+    """
+    import math
+
+    cfg = scheduler.config
+    lo, hi = int(cfg.get("base_image_seq_len", 256)), int(cfg.get("max_image_seq_len", 4096))
+    b_lo, b_hi = float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15))
+    mu = b_lo + (b_hi - b_lo) * (image_seq_len - lo) / (hi - lo)
+    return mu if cfg.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+
+
+def schedule_for(scheduler, image_seq_len: int | None = None) -> Schedule:
+    """The training schedule of a diffusers scheduler (read from its config, never its sampling state).
+
+    Flow schedulers: ``FlowMatch*`` (``shift``; with ``use_dynamic_shifting`` the shift of
+    ``image_seq_len`` tokens, :func:`dynamic_shift`) and multistep solvers run on flow sigmas
+    (``use_flow_sigmas``, ``flow_shift``: Wan's UniPC). Everything else is VP over ``alphas_cumprod``.
+    """
     name = type(scheduler).__name__
     cfg = scheduler.config
+    T = int(cfg.get("num_train_timesteps", 1000))
+    if cfg.get("shift_terminal"):
+        raise ValueError(f"{name} with shift_terminal (stretched terminal sigmas) is not supported")
     if name.startswith("FlowMatch"):
         if cfg.get("use_dynamic_shifting", False):
-            raise ValueError(f"{name} with resolution-dependent (dynamic) time shift is not supported yet")
-        return FlowSchedule(int(cfg.get("num_train_timesteps", 1000)), float(cfg.get("shift", 1.0)))
+            if image_seq_len is None:
+                raise ValueError(
+                    f"{name} with resolution-dependent (dynamic) time shift needs the image size"
+                )
+            return FlowSchedule(T, dynamic_shift(scheduler, image_seq_len))
+        return FlowSchedule(T, float(cfg.get("shift", 1.0)))
+    if cfg.get("use_flow_sigmas", False) or cfg.get("prediction_type") == "flow_prediction":
+        if cfg.get("use_dynamic_shifting", False):
+            raise ValueError(f"{name} with dynamic shifting on flow sigmas is not supported")
+        return FlowSchedule(T, float(cfg.get("flow_shift", 1.0)))
     ac = getattr(scheduler, "alphas_cumprod", None)
     if ac is None:
         raise ValueError(f"scheduler {name} has neither alphas_cumprod nor a flow-matching schedule")

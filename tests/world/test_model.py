@@ -74,6 +74,7 @@ def test_pretrain_smoke_and_resume(tmp_path):
         text_batch_size=4,
         checkpoint_every=1,
         weak_steps=1,
+        recipe="v3",
     )
     model = pretrain(PretrainConfig(output_dir=str(tmp_path / "a"), **cfg), progress=False)
     pipe = StableDiffusionPipeline.from_pretrained(str(model))
@@ -136,3 +137,18 @@ def test_demo_quick_writes_a_well_formed_report(tmp_path, capsys):
 def test_demo_bad_input(bad, tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--quiet", "--output", str(tmp_path / "d"), *bad]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_pretrain_recipes_fill_only_settings_left_at_their_defaults():
+    v2 = PretrainConfig().resolved()
+    assert (v2.unet_channels, v2.ema_decay, v2.unet_steps) == ("32,64,64", 0.0, 3000)  # the shipped model
+    v3 = PretrainConfig(recipe="v3", unet_steps=500).resolved()
+    assert (v3.unet_channels, v3.vae_channels, v3.ema_decay, v3.snr_gamma) == (
+        "48,96,96",
+        "32,64",
+        0.999,
+        5.0,
+    )
+    assert v3.unet_steps == 500  # an explicit setting wins over the recipe
+    with pytest.raises(SelfNPOError, match="unet-channels"):
+        PretrainConfig(unet_channels="48,x").validate()

@@ -14,6 +14,9 @@ SUPPORTED = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "WanPipeline": "wan",
+    "CogVideoXPipeline": "cogvideox",
 }
 
 
@@ -135,7 +138,11 @@ def resolve_model_class(model: str) -> str:
 
 
 def load_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
-    """Load an SD1.5-type, SDXL-type or SD3-type diffusers pipeline, without its safety checker."""
+    """Load a pipeline of a supported family (:data:`SUPPORTED`), without its safety checker.
+
+    Models of a supported class that cannot take an offset (FLUX.1-schnell, two-expert Wan 2.2)
+    are refused in one line after loading.
+    """
     import diffusers
 
     name = resolve_model_class(model)
@@ -157,4 +164,7 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
             "the right pipeline?"
         ) from None
     pipe.set_progress_bar_config(disable=True)
+    from . import check_supported
+
+    check_supported(pipe)
     return pipe.to(dev)

@@ -42,7 +42,7 @@ class DiffusionModel:
     def __init__(self, pipe, uncond_mode: str = "auto") -> None:
         self.pipe = pipe
         self.unet: nn.Module = denoiser_network(pipe)
-        self.schedule: Schedule = schedule_for(pipe.scheduler)
+        self.schedule: Schedule = self.make_schedule(pipe.scheduler)
         self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
         if uncond_mode == "auto":
             zeros = self.is_sdxl and pipe.config.get("force_zeros_for_empty_prompt", False)
@@ -50,6 +50,10 @@ class DiffusionModel:
         self.uncond_mode = uncond_mode
         self._cache: dict[str, Cond] = {}
         self.nfe = 0  # network evaluations (samples x passes), for cost accounting
+
+    def make_schedule(self, scheduler) -> Schedule:
+        """The training schedule (families with a resolution-dependent shift override this)."""
+        return schedule_for(scheduler)
 
     @property
     def prediction_type(self) -> str:

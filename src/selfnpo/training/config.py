@@ -88,6 +88,9 @@ class TrainConfig:
     batch_size: int = opt(4, "prompts per step per process")
     grad_accum: int = opt(1, "gradient accumulation steps")
     resolution: int = opt(0, "image resolution (0 = the model's default)")
+    frames: int = opt(
+        0, "video families: frames per training clip (0 = the pipeline's default: Wan 81, CogVideoX 49)"
+    )
     mixed_precision: str = opt("no", "no, fp16 or bf16 (through accelerate)", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
@@ -204,6 +207,7 @@ class TrainConfig:
                 "--resolution must be 0 (the model's default) or a multiple of 8 of at least 16",
             ),
             (self.resolution <= 4096, "--resolution must be <= 4096"),
+            (self.frames >= 0, "--frames must be >= 0"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),

@@ -196,7 +196,7 @@ def _train(
     if model is None:
         if pipe is None:
             pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
-        model = model_for(pipe)
+        model = model_for(pipe, resolution=cfg.resolution or None, frames=cfg.frames or None)
     if cfg.resolution and cfg.resolution % model.vae_scale:
         raise SelfNPOError(
             f"--resolution {cfg.resolution} is not a multiple of this model's VAE factor {model.vae_scale}"

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -28,9 +29,7 @@ from ..training.config import opt
 from .captions import RELATIONS, CaptionLabels, caption, caption_with_labels
 from .render import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES, render_batch, sample_scene
 
-UNET_CHANNELS = (48, 96, 96)
 UNET_HEADS = (2, 8, 8)
-VAE_CHANNELS = (32, 64)
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 3
 TEXT_HEADS = 4
@@ -74,25 +73,35 @@ class WorldSource:
 class PretrainConfig:
     """Train the embedded world model from scratch (VAE, text encoder, then UNet)."""
 
-    output_dir: str = opt(
-        "runs/pretrain", "run folder; the finished pipeline (EMA weights) is written to OUTPUT_DIR/model"
+    output_dir: str = opt("runs/pretrain", "run folder; the finished pipeline is written to OUTPUT_DIR/model")
+    recipe: str = opt(
+        "v2",
+        "preset for the settings below that are left at their defaults: v2 (the shipped model) or v3 "
+        "(larger UNet and autoencoder, EMA weights, min-SNR weighting; docs/world.md)",
+        choices=("v2", "v3"),
     )
-    vae_steps: int = opt(2000, "autoencoder training steps (cosine learning-rate decay over them)")
+    unet_channels: str = opt("32,64,64", "UNet block widths (comma-separated)")
+    vae_channels: str = opt("16,32", "autoencoder block widths (comma-separated)")
+    vae_steps: int = opt(3000, "autoencoder training steps")
+    vae_cosine: bool = opt(False, "cosine learning-rate decay over the autoencoder steps")
     text_steps: int = opt(800, "text encoder training steps")
     unet_steps: int = opt(
-        6000, "UNet training steps (constant lr: a shorter run is a prefix of a longer one)"
+        3000, "UNet training steps (constant lr: a shorter run is a prefix of a longer one)"
     )
-    vae_batch_size: int = opt(32, "images per autoencoder step")
+    vae_batch_size: int = opt(16, "images per autoencoder step")
     text_batch_size: int = opt(128, "captions per text encoder step")
     batch_size: int = opt(32, "images per UNet step")
     vae_lr: float = opt(1e-3, "autoencoder learning rate")
     text_lr: float = opt(1e-3, "text encoder learning rate")
     unet_lr: float = opt(5e-4, "UNet learning rate")
     caption_dropout: float = opt(0.1, "probability of training on the empty prompt (unconditional)")
-    ema_decay: float = opt(0.999, "EMA rate of the UNet weights; the EMA is the shipped model")
-    snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting of the UNet phase (0 = off)")
+    ema_decay: float = opt(
+        0.0,
+        "EMA rate of the UNet weights, whose EMA is then the finished model (0 = no EMA: the last weights)",
+    )
+    snr_gamma: float = opt(0.0, "min-SNR-gamma loss weighting of the UNet phase (0 = off)")
     weak_steps: int = opt(
-        1000, "also keep the EMA model at this UNet step as OUTPUT_DIR/weak-model (autoguidance; 0 = off)"
+        0, "also keep the model at this UNet step as OUTPUT_DIR/weak-model (autoguidance; 0 = off)"
     )
     export: str = opt("", "also write the shipped form (UNet and VAE in fp16) to this folder")
     checkpoint_every: int = opt(200, "steps between checkpoints")
@@ -101,7 +110,41 @@ class PretrainConfig:
     resume: bool = opt(False, "continue an interrupted pretraining run")
     overwrite: bool = opt(False, "replace an existing run folder")
 
+    RECIPES = {
+        "v2": {},
+        "v3": {
+            "unet_channels": "48,96,96",
+            "vae_channels": "32,64",
+            "vae_steps": 2000,
+            "vae_cosine": True,
+            "vae_batch_size": 32,
+            "unet_steps": 6000,
+            "ema_decay": 0.999,
+            "snr_gamma": 5.0,
+            "weak_steps": 1000,
+        },
+    }
+
+    def resolved(self) -> PretrainConfig:
+        """The recipe's settings, except where a setting was given explicitly (not at its default)."""
+        preset = self.RECIPES[self.recipe]
+        return replace(
+            self, **{k: v for k, v in preset.items() if getattr(self, k) == getattr(type(self), k)}
+        )
+
+    def widths(self, name: str) -> tuple[int, ...]:
+        """``unet_channels`` / ``vae_channels`` as integers."""
+        try:
+            out = tuple(int(x) for x in getattr(self, name).split(","))
+        except ValueError:
+            out = ()
+        if not out or min(out) < 8 or any(w % 8 for w in out):
+            raise SelfNPOError(f"--{name.replace('_', '-')} must be comma-separated multiples of 8")
+        return out
+
     def validate(self) -> PretrainConfig:
+        self.widths("unet_channels")
+        self.widths("vae_channels")
         steps = (self.vae_steps, self.text_steps, self.unet_steps)
         if min(steps) < 1 or min(self.batch_size, self.vae_batch_size, self.text_batch_size) < 1:
             raise SelfNPOError("step counts and batch sizes must be >= 1")
@@ -122,7 +165,12 @@ class PretrainConfig:
         return self
 
 
-def build_world_pipeline(tokenizer_dir: Path, seed: int = 0):
+def build_world_pipeline(
+    tokenizer_dir: Path,
+    seed: int = 0,
+    unet_channels: tuple[int, ...] = (32, 64, 64),
+    vae_channels: tuple[int, ...] = (16, 32),
+):
     """The untrained world pipeline (cross-attention at every UNet level)."""
     from ..models.tiny import build_tiny_pipeline
 
@@ -130,9 +178,9 @@ def build_world_pipeline(tokenizer_dir: Path, seed: int = 0):
         "sd",
         tokenizer_dir,
         sample_size=16,
-        channels=UNET_CHANNELS,
+        channels=unet_channels,
         text_hidden=TEXT_HIDDEN,
-        vae_channels=VAE_CHANNELS,
+        vae_channels=vae_channels,
         seed=seed,
         text_layers=TEXT_LAYERS,
         text_heads=TEXT_HEADS,
@@ -188,8 +236,9 @@ def train_vae(pipe, cfg: PretrainConfig, run: Path, progress: bool) -> None:
         seed = int(torch.randint(2**62, (1,), generator=g, device=g.device).item())
         _, images = world_batch(np.random.default_rng(seed), cfg.vae_batch_size, "any")
         loss = _vae_loss(vae, images_to_unit(images).to(vae.device), g)
-        for group in opt_.param_groups:
-            group["lr"] = cfg.vae_lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.vae_steps))
+        if cfg.vae_cosine:
+            for group in opt_.param_groups:
+                group["lr"] = cfg.vae_lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.vae_steps))
         opt_.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -344,8 +393,11 @@ def _prepare(cfg: PretrainConfig) -> Path:
                 "caption_dropout",
                 "ema_decay",
                 "snr_gamma",
+                "unet_channels",
+                "vae_channels",
+                "vae_cosine",
             ):
-                if saved.get(k) != getattr(cfg, k):
+                if saved.get(k, getattr(PretrainConfig, k)) != getattr(cfg, k):
                     raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r}, now {getattr(cfg, k)!r}")
             return run
     try:
@@ -363,13 +415,14 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     from ..training.config import TrainConfig
     from ..training.loop import train
 
-    cfg.validate()
+    cfg = cfg.validate().resolved()
     run = _prepare(cfg)
     dev = pick_device(cfg.device)
     base = run / "base"
     if not (base / "model_index.json").is_file():
         tok = write_clip_vocab(run / "tokenizer")
-        pipe = build_world_pipeline(tok, cfg.seed).to(dev)
+        widths = cfg.widths("unet_channels"), cfg.widths("vae_channels")
+        pipe = build_world_pipeline(tok, cfg.seed, *widths).to(dev)
         train_vae(pipe, cfg, run, progress)
         set_latent_scale(pipe, cfg.seed + 1)
         _record_reconstruction(pipe, run / "vae" / "reconstruction.json", cfg.seed + 5)
@@ -390,7 +443,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
             output_dir=str(run / "unet"),
             objective="diffusion",
             train="full",
-            teacher="ema",
+            teacher="ema" if cfg.ema_decay > 0 else "frozen",
             ema_decay=cfg.ema_decay,
             snr_gamma=cfg.snr_gamma,
             lr=cfg.unet_lr,
@@ -408,11 +461,20 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         pipe = load_pipeline(str(base), device=cfg.device, dtype="fp32")
         train(tc, progress=progress, source=WorldSource(DiffusionModel(pipe)), pipe=pipe)
         if steps == cfg.weak_steps:
-            export_ema(run, weak)
-    model = export_ema(run, run / "model")
+            _finish(run, cfg, weak)
+    model = _finish(run, cfg, run / "model")
     if cfg.export:
         export_model(model, Path(cfg.export))
     return model
+
+
+def _finish(run: Path, cfg: PretrainConfig, dest: Path) -> Path:
+    """The finished pipeline: the EMA weights, or (without EMA) the last weights the loop saved."""
+    if cfg.ema_decay > 0:
+        return export_ema(run, dest)
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(run / "unet" / "model", tmp, dirs_exist_ok=True)
+    return dest
 
 
 def _unet_step(run: Path) -> int:
