@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import time
 
 import pytest
 import torch
@@ -641,13 +642,13 @@ def test_settings_without_effect_are_named(
 
 @pytest.mark.parametrize("signum,code,word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
 def test_a_signal_ends_with_one_line_saying_how_to_resume(signum, code, word, capsys, gen_args, monkeypatch):
-    import os
     import signal
 
     import selfnpo.generate as g
 
     def stop(*a, **k):
-        os.kill(os.getpid(), getattr(signal, signum))
+        signal.raise_signal(getattr(signal, signum))  # delivered to this thread, not another one
+        time.sleep(5)  # the handler runs at the latest when the sleep is interrupted
         raise AssertionError("not reached")
 
     monkeypatch.setattr(g, "_generate", stop)
