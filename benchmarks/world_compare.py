@@ -94,6 +94,7 @@ def main() -> None:
         train_steps=a.train_steps,
         split=a.split,
         eval_prompts=a.eval_prompts,
+        train="lora",
         lr=a.lr,
         seed=a.seed,
         sample_steps=a.sample_steps,

@@ -88,7 +88,12 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     cfg = DemoConfig(
-        output=a.output, eval_prompts=a.eval_prompts, lr=a.lr, seed=a.seed, sample_steps=a.sample_steps
+        output=a.output,
+        eval_prompts=a.eval_prompts,
+        train="lora",
+        lr=a.lr,
+        seed=a.seed,
+        sample_steps=a.sample_steps,
     )
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)

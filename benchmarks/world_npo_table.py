@@ -174,6 +174,7 @@ def main() -> None:
         output=a.output,
         train_steps=a.train_steps,
         eval_prompts=a.eval_prompts,
+        train="lora",
         lr=a.lr,
         seed=a.seed,
         sample_steps=a.sample_steps,

@@ -37,8 +37,14 @@ class DemoConfig:
     model: str = opt("", "diffusers model folder (default: the embedded world model)")
     train_steps: int = opt(200, "Self-NPO training steps")
     batch_size: int = opt(8, "training batch size")
-    lr: float = opt(1e-3, "LoRA learning rate")
-    lora_rank: int = opt(8, "LoRA rank")
+    train: str = opt(
+        "full",
+        "what the offset is: full (all UNet weights) or lora; the default was chosen on the validation "
+        "split (BENCHMARKS.md section 8)",
+        choices=("full", "lora"),
+    )
+    lr: float = opt(1e-5, "learning rate (chosen on validation with --train full; 1e-3 to 1e-4 suit LoRA)")
+    lora_rank: int = opt(8, "LoRA rank (with --train lora)")
     pool_size: int = opt(64, "self-generated pool size")
     split: str = opt(
         "validation",
@@ -51,6 +57,7 @@ class DemoConfig:
     guidance_scales: str = opt("1.5,3,5", "comma-separated guidance scales g of the sweep")
     betas: str = opt("0.5,1", "comma-separated offset scales beta of the sweep (0 = base is always run)")
     default_guidance: float = opt(3.0, "guidance scale for the image grid and the training curve")
+    default_beta: float = opt(0.5, "offset scale beta for the image grid and the training curve")
     curve_points: int = opt(3, "evaluations along training")
     seed: int = opt(0, "seed of training and of the bootstrap (the split fixes evaluation prompts and seeds)")
     overwrite: bool = opt(False, "replace an existing report folder")
@@ -62,7 +69,7 @@ class DemoConfig:
         "real_images": 64,
         "sample_steps": 4,
         "guidance_scales": "3",
-        "betas": "1",
+        "betas": "0.5",
         "curve_points": 2,
         "batch_size": 4,
     }
@@ -222,6 +229,7 @@ def train_to(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int, 
         output_dir=str(run),
         steps=steps,
         batch_size=cfg.batch_size,
+        train=cfg.train,
         lr=cfg.lr,
         lora_rank=cfg.lora_rank,
         pool_size=cfg.pool_size,
@@ -254,8 +262,9 @@ def _training_curve(
         cost["network_evals"] += res.network_evals
         offset = out / "offsets" / f"step-{p:05d}"
         shutil.copytree(res.offset_path.parent, offset, dirs_exist_ok=True)
-        bench.run(("npo", g, 1.0, p), g, offset, 1.0)
-        curve.append({"step": p, **bench.summary(("npo", g, 1.0, p), ("base", g))})
+        b = cfg.default_beta
+        bench.run(("npo", g, b, p), g, offset, b)
+        curve.append({"step": p, **bench.summary(("npo", g, b, p), ("base", g))})
         progress(f"step {p}: {_short(curve[-1])}")
     return curve, offset, cost
 
@@ -276,7 +285,8 @@ def _sweep(cfg: DemoConfig, bench: EvalBench, offset: Path, progress) -> list[di
         base_row = {"guidance_scale": g, "beta": 0.0, **bench.summary(("base", g), None)}
         rows.append(base_row)
         for b in cfg.floats("betas"):
-            key = ("npo", g, b, cfg.train_steps) if b == 1.0 and g == cfg.default_guidance else ("npo", g, b)
+            last = b == cfg.default_beta and g == cfg.default_guidance
+            key = ("npo", g, b, cfg.train_steps) if last else ("npo", g, b)
             bench.run(key, g, offset, b)
             rows.append({"guidance_scale": g, "beta": b, **bench.summary(key, ("base", g))})
             progress(f"g={g:g} beta={b:g}: {_short(rows[-1])}")

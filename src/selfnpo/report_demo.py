@@ -116,12 +116,12 @@ def _zero(xs: list[float]) -> list[tuple[float, float, float, float]]:
 
 
 def _curve_plots(m: dict) -> list[Plot]:
-    g = m["config"]["default_guidance"]
+    g, b = m["config"]["default_guidance"], m["config"].get("default_beta", 1.0)
     steps = [c["step"] for c in m["curve"]]
     plots = []
     for key, label in DIFF_PLOTS:
         series = {
-            "Self-NPO (beta=1) - base": [(c["step"], *c["paired"][key]["diff"]) for c in m["curve"]],
+            f"Self-NPO (beta={b:g}) - base": [(c["step"], *c["paired"][key]["diff"]) for c in m["curve"]],
             "no difference": _zero(steps),
         }
         plots.append(Plot(f"{label} over training steps (g={g:g})", "training step", label, series))
@@ -156,9 +156,9 @@ def _verdict_lines(m: dict) -> list[str]:
 
 def write_demo_report(out: Path, m: dict, bench) -> dict[str, Path]:
     cfg = m["config"]
-    g = cfg["default_guidance"]
+    g, b = cfg["default_guidance"], cfg.get("default_beta", 1.0)
     n = min(8, len(bench.prompts))
-    final = ("npo", g, 1.0, cfg["train_steps"])
+    final = ("npo", g, b, cfg["train_steps"])
     base_key = ("base", g)
     cols = (
         [bench.images[base_key][:n], bench.images[final][:n]]
@@ -166,7 +166,7 @@ def write_demo_report(out: Path, m: dict, bench) -> dict[str, Path]:
         else [bench.images[base_key][:n]]
     )
     grid = Grid(
-        f"{m['split']} prompts, g={g:g}: base | Self-NPO (beta=1), same seeds",
+        f"{m['split']} prompts, g={g:g}: base | Self-NPO (beta={b:g}), same seeds",
         bench.prompts[:n],
         ["base", "Self-NPO"][: len(cols)],
         np.stack(cols, axis=1),

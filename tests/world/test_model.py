@@ -115,7 +115,7 @@ def test_demo_quick_writes_a_well_formed_report(tmp_path, capsys):
             mean, lo, hi = row[key]
             assert lo <= hi and np.isfinite(mean)
         assert 0.0 <= row["alignment"][0] <= 1.0
-    assert {r["beta"] for r in m["sweep"]} == {0.0, 1.0}
+    assert {r["beta"] for r in m["sweep"]} == {0.0, 0.5}
     assert m["split"] == "validation" and m["real_images"] == 64
     npo = [r for r in m["sweep"] if r["beta"] != 0.0]
     for row in npo + m["curve"]:  # paired differences vs the base, with n, win rate and MDE
