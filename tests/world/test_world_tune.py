@@ -63,3 +63,28 @@ def test_a_finished_test_evaluation_is_never_silently_redone(tune, tmp_path, mon
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit, match="already evaluated on test"):
         tune.main()
+
+
+def test_selection_rule_keeps_safe_candidates_and_takes_the_best_reward_lower_bound():
+    spec = importlib.util.spec_from_file_location(
+        "world_tune_select", SCRIPT.with_name("world_tune_select.py")
+    )
+    sel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sel)
+
+    def row(config, g, beta, reward, align, kid):
+        paired = {"reward": {"diff": reward, "mde": 1.0, "win_rate": [0.5, 0.4, 0.6]}}
+        paired.update(alignment={"diff": align}, kid={"diff": kid})
+        paired.update({f"attr_{k}": {"diff": [0.0, 0.0, 0.0]} for k in ("colour", "shape", "position")})
+        return {"config": config, "guidance_scale": g, "beta": beta, "paired": paired}
+
+    rows = [
+        row("a", 3.0, 1.0, [2.0, 1.0, 3.0], [0, -0.02, -0.01], [0, -1, 1]),  # best reward, alignment worse
+        row("b", 3.0, 0.5, [1.0, 0.2, 2.0], [0, -0.01, 0.01], [0, -1, 1]),
+        row("c", 3.0, 0.5, [1.5, 0.5, 2.5], [0, -0.01, 0.01], [0.1, 0.01, 0.2]),  # KID worse
+        row("d", 3.0, 1.0, [0.5, 0.1, 0.9], [0, -0.01, 0.01], [0, -1, 1]),
+        row("e", 5.0, 1.0, [9.0, 8.0, 10.0], [0, 0, 0], [0, -1, 1]),  # another g
+    ]
+    assert sel.select(rows, 3.0) == ("b", 0.5)
+    assert sel.select(rows, 7.5) is None
+    assert sel.table(rows).count("\n") == len(rows) + 1
