@@ -125,7 +125,7 @@ def test_demo_quick_writes_a_well_formed_report(tmp_path, capsys):
         assert row["verdict_word"] in ("helps", "hurts", "mixed", "no detectable difference")
     assert [v["verdict"] for v in m["verdicts"]] == [r["verdict"] for r in npo]
     html = (out / "report.html").read_text()
-    assert "QUICK RUN" in html and (out / "grid.png").is_file()
+    assert "QUICK RUN" in html and "On the test split" in html and (out / "grid.png").is_file()
     assert (
         html.index("Verdict per setting") < html.index("minimum detectable difference") < html.index("levels")
     )
