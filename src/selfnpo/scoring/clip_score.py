@@ -37,18 +37,23 @@ def tokenize(tok, prompts, length: int):
     return ids["input_ids"], ids["attention_mask"]
 
 
+@torch.no_grad()
+def clip_cosine(model, tokenizer, images, prompts) -> torch.Tensor:
+    """Cosine similarity of each image's and its prompt's CLIP embeddings, ``[N]``."""
+    pixels = clip_pixels(images, image_size(model))
+    ids, mask = tokenize(tokenizer, prompts, model.config.text_config.max_position_embeddings)
+    img, txt = clip_features(model, pixels, ids, mask)
+    return (unit(img) * unit(txt)).sum(-1)
+
+
 class ClipScore:
     """``100 * max(cos, 0)`` between CLIP image and text embeddings."""
 
     def __init__(self, model, tokenizer) -> None:
         self.model, self.tokenizer = model, tokenizer
 
-    @torch.no_grad()
     def __call__(self, images, prompts) -> torch.Tensor:
-        pixels = clip_pixels(images, image_size(self.model))
-        ids, mask = tokenize(self.tokenizer, prompts, self.model.config.text_config.max_position_embeddings)
-        img, txt = clip_features(self.model, pixels, ids, mask)
-        return (100.0 * (unit(img) * unit(txt)).sum(-1)).clamp_min(0.0).cpu()
+        return (100.0 * clip_cosine(self.model, self.tokenizer, images, prompts)).clamp_min(0.0).cpu()
 
 
 def load(cfg, device, dtype) -> ClipScore:

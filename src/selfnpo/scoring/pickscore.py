@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .clip_score import image_size, load_clip, tokenize
-from .common import clip_features, clip_pixels, unit
+from .clip_score import clip_cosine, load_clip
 
 
 class PickScore:
@@ -22,10 +21,8 @@ class PickScore:
 
     @torch.no_grad()
     def __call__(self, images, prompts) -> torch.Tensor:
-        pixels = clip_pixels(images, image_size(self.model))
-        ids, mask = tokenize(self.tokenizer, prompts, self.model.config.text_config.max_position_embeddings)
-        img, txt = clip_features(self.model, pixels, ids, mask)
-        return (self.model.logit_scale.float().exp() * (unit(img) * unit(txt)).sum(-1)).cpu()
+        cos = clip_cosine(self.model, self.tokenizer, images, prompts)
+        return (self.model.logit_scale.float().exp() * cos).cpu()
 
 
 def load(cfg, device, dtype) -> PickScore:
