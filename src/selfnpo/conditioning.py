@@ -38,6 +38,11 @@ class Cond:
         added = None if self.added is None else {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()}
         return Cond(self.embeds.expand(n, *self.embeds.shape[1:]), added)
 
+    def zeros(self) -> Cond:
+        """All-zero embeddings of the same shapes (the unconditional input of ``uncond_mode="zeros"``)."""
+        added = None if self.added is None else {k: torch.zeros_like(v) for k, v in self.added.items()}
+        return Cond(torch.zeros_like(self.embeds), added)
+
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:
         added = None

@@ -64,10 +64,7 @@ class CogVideoXModel(DiffusionModel):
 
     def uncond(self, batch: int) -> Cond:
         """Empty prompt (the pipeline's negative when none is given), or zero embeddings."""
-        base = self.encode([""])
-        if self.uncond_mode == "zeros":
-            base = Cond(torch.zeros_like(base.embeds))
-        return base.expand(batch)
+        return self.empty_or_zeros(batch)
 
     def _forward(self, net: nn.Module, x: Tensor, time: Tensor, c: Cond) -> Tensor:
         """``CogVideoXPipeline``'s keyword call, with its rotary embeddings when the model has them."""

@@ -86,12 +86,7 @@ class FluxModel(DiffusionModel):
 
     def uncond(self, batch: int) -> Cond:
         """Empty prompt (the negative prompt true CFG gets by default here), or zero embeddings."""
-        base = self.encode([""])
-        if self.uncond_mode == "zeros":
-            base = Cond(
-                torch.zeros_like(base.embeds), {k: torch.zeros_like(v) for k, v in base.added.items()}
-            )
-        return base.expand(batch)
+        return self.empty_or_zeros(batch)
 
     def _forward(self, net: nn.Module, x: Tensor, time: Tensor, c: Cond) -> Tensor:
         """``FluxPipeline``'s keyword call: ``timestep = sigma`` (the pipeline's ``t / 1000``)."""

@@ -131,6 +131,11 @@ class DiffusionModel:
         self.encode(distinct)
         return len(distinct)
 
+    def empty_or_zeros(self, batch: int) -> Cond:
+        """The empty prompt's encoding, or all-zero embeddings (``uncond_mode="zeros"``), ``batch`` times."""
+        base = self.encode([""])
+        return (base.zeros() if self.uncond_mode == "zeros" else base).expand(batch)
+
     def uncond(self, batch: int) -> Cond:
         """Unconditional input: empty prompt (SD1.5) or zero embeddings (SDXL default)."""
         base = self.encode([""])

@@ -42,12 +42,7 @@ class SD3Model(DiffusionModel):
 
     def uncond(self, batch: int) -> Cond:
         """Empty prompt (the pipeline's default negative), or all-zero embeddings."""
-        base = self.encode([""])
-        if self.uncond_mode == "zeros":
-            base = Cond(
-                torch.zeros_like(base.embeds), {k: torch.zeros_like(v) for k, v in base.added.items()}
-            )
-        return base.expand(batch)
+        return self.empty_or_zeros(batch)
 
     def _forward(self, net: nn.Module, x: Tensor, time: Tensor, c: Cond) -> Tensor:
         """The keyword call of ``StableDiffusion3Pipeline.__call__``; ``time`` is ``sigma * 1000``."""

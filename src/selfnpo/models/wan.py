@@ -76,10 +76,7 @@ class WanModel(DiffusionModel):
 
     def uncond(self, batch: int) -> Cond:
         """Empty prompt (the pipeline's negative when none is given), or zero embeddings."""
-        base = self.encode([""])
-        if self.uncond_mode == "zeros":
-            base = Cond(torch.zeros_like(base.embeds))
-        return base.expand(batch)
+        return self.empty_or_zeros(batch)
 
     def _forward(self, net: nn.Module, x: Tensor, time: Tensor, c: Cond) -> Tensor:
         """``WanPipeline``'s keyword call; ``time`` is ``sigma * 1000``."""
