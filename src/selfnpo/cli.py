@@ -275,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line to stderr and return exit code 2."""
     ns = build_parser().parse_args(argv)
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    # Ctrl-C raises KeyboardInterrupt even if an imported library installed its own SIGINT handler
+    previous = (
+        (signal.signal(signal.SIGTERM, _on_sigterm), signal.signal(signal.SIGINT, signal.default_int_handler))
+        if in_main
+        else None
+    )
     try:
         _check_settings(ns)  # a typo is reported before diffusers and transformers are imported
         _quiet_libraries()
@@ -291,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfnpo {ns.command}: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        if in_main:  # a handler installed outside Python reads back as None: leave ours then
+            for sig, handler in zip((signal.SIGTERM, signal.SIGINT), previous, strict=True):
+                if handler is not None:
+                    signal.signal(sig, handler)
     return 0
 
 
