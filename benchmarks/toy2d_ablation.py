@@ -18,17 +18,12 @@ guidance vector from the exact one of the true mixture, with and without the off
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import time
-import warnings
 from pathlib import Path
 
 import torch
-from toy2d_selfnpo import METRICS, pretrain, sample, score, train_offset
+from toy2d_selfnpo import METRICS, pretrain, run_and_write, sample, score, train_offset
 
 from selfnpo.evaluation.stats import paired_diff_ci
-from selfnpo.io import atomic_write_text
 from selfnpo.npo import NPOGuidance
 from selfnpo.toy2d.metrics import hdr_log_threshold
 from selfnpo.toy2d.mixture import ring_mixture
@@ -227,22 +222,10 @@ def main() -> None:
         help="instead: the default offset on bases checkpointed at 150..3000 pre-training steps",
     )
     args = ap.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    res = run_sweep(args) if args.base_sweep else run(args)
-    res["wall_s"] = time.perf_counter() - t0
-    out = Path(args.output)
-    stem = "base_sweep" if args.base_sweep else "ablation"
-    atomic_write_text(out / f"{stem}.json", json.dumps(res, indent=1))
-    table = markdown_sweep(res) if args.base_sweep else markdown(res)
-    atomic_write_text(out / f"{stem}.md", table)
-    print(table)
-    print(f"wall time {res['wall_s']:.0f} s")
+    if args.base_sweep:
+        run_and_write(run_sweep, markdown_sweep, args, "base_sweep")
+    else:
+        run_and_write(run, markdown, args, "ablation")
 
 
 if __name__ == "__main__":

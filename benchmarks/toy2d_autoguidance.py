@@ -13,18 +13,13 @@ paired against plain CFG at the same g.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import time
-import warnings
 from pathlib import Path
 
 import torch
-from toy2d_selfnpo import METRICS, pretrain, sample, score, train_offset
+from toy2d_selfnpo import METRICS, pretrain, run_and_write, sample, score, train_offset
 
 from selfnpo.evaluation.stats import paired_diff_ci
 from selfnpo.guidance import cfg
-from selfnpo.io import atomic_write_text
 from selfnpo.sampling import ddim_sample
 from selfnpo.schedules import ddim_grid
 from selfnpo.toy2d.metrics import hdr_log_threshold
@@ -109,22 +104,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1500, help="samples per setting")
     ap.add_argument("--offset-steps", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    res = run(args)
-    res["wall_s"] = time.perf_counter() - t0
-    out = Path(args.output)
-    atomic_write_text(out / "autoguidance.json", json.dumps(res, indent=1))
-    table = markdown(res)
-    atomic_write_text(out / "autoguidance.md", table)
-    print(table)
-    print(f"wall time {res['wall_s']:.0f} s")
+    run_and_write(run, markdown, ap.parse_args(), "autoguidance")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,25 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_and_write(run_fn, markdown_fn, args, stem: str, md_name: str = "") -> None:
+    """Quiet the libraries, run on one thread, and write ``STEM.json`` and ``STEM.md`` to ``--output``."""
+    warnings.filterwarnings("ignore")
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    res = run_fn(args)
+    res["wall_s"] = time.perf_counter() - t0
+    out = Path(args.output)
+    atomic_write_text(out / f"{stem}.json", json.dumps(res, indent=1))
+    table = markdown_fn(res)
+    atomic_write_text(out / f"{md_name or stem}.md", table)
+    print(table)
+    print(f"wall time {res['wall_s']:.0f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", required=True, help="folder for results.json, table.md and the runs")
@@ -193,22 +212,7 @@ def main() -> None:
     )
     ap.add_argument("--offset-steps", type=int, default=500, help="training steps of each negative offset")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    res = run(args)
-    res["wall_s"] = time.perf_counter() - t0
-    out = Path(args.output)
-    atomic_write_text(out / "results.json", json.dumps(res, indent=1))
-    table = markdown(res)
-    atomic_write_text(out / "table.md", table)
-    print(table)
-    print(f"wall time {res['wall_s']:.0f} s")
+    run_and_write(run, markdown, ap.parse_args(), "results", md_name="table")
 
 
 if __name__ == "__main__":
