@@ -174,6 +174,23 @@ def test_full_weight_offset_and_generation(tiny_sd, prompts_file, tmp_path, teac
     assert [j["seed"] for j in jobs] == [0, 1] and (tmp_path / "img" / "00001.png").is_file()
 
 
+def test_full_weight_offset_on_a_unet_with_a_loaded_lora(tiny_sd, sd_lora, prompts_file, tmp_path):
+    """A full-weight offset trained while a user's LoRA is loaded keeps the plain weight names
+    (peft renames them to ``base_layer``), leaves the LoRA untouched, and loads into a plain model."""
+    from selfnpo.offsets import is_adapter_param, load_full_delta
+
+    pipe = load_pipeline(tiny_sd, device="cpu", dtype="fp32")
+    pipe.load_lora_weights(str(sd_lora.parent if sd_lora.is_file() else sd_lora), adapter_name="style")
+    lora_before = {k: v.clone() for k, v in pipe.unet.state_dict().items() if is_adapter_param(k)}
+    assert lora_before and any(".base_layer." in k for k in pipe.unet.state_dict())
+    res = train_tiny(tiny_sd, tmp_path / "run", prompts_file, pipe=pipe, train="full", steps=1, lr=1e-3)
+    delta = load_full_delta(res.offset_path, load_pipeline(tiny_sd, device="cpu", dtype="fp32").unet)
+    assert not any(".base_layer." in k or is_adapter_param(k) for k in delta)
+    assert any(v.abs().sum() > 0 for v in delta.values())
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in lora_before.items())
+
+
 @pytest.mark.parametrize("source", ["noise", "images"])
 def test_other_sources_and_objectives(tiny_dir, prompts_file, tmp_path, source):
     folder = tmp_path / "imgs"

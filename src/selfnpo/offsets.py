@@ -120,6 +120,20 @@ def per_sample_adapters(layers: list[nn.Module], names: list[str]) -> Iterator[N
             h.remove()
 
 
+_ADAPTER_MARKS = (
+    ".lora_A.",
+    ".lora_B.",
+    ".lora_embedding_A.",
+    ".lora_embedding_B.",
+    ".lora_magnitude_vector.",
+)
+
+
+def is_adapter_param(name: str) -> bool:
+    """Whether ``name`` (a parameter or state-dict key) belongs to a peft LoRA adapter."""
+    return any(m in name for m in _ADAPTER_MARKS)
+
+
 def canonical_params(module: nn.Module) -> dict[str, tuple[str, Tensor]]:
     """Parameters by their name in the plain model -> (current name, tensor).
 

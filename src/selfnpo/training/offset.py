@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..conditioning import Cond
 from ..errors import SelfNPOError
 from ..models.sd import DiffusionModel
-from ..offsets import activate_adapters, adapter_scales, save_full_delta, save_lora
+from ..offsets import activate_adapters, adapter_scales, is_adapter_param, save_full_delta, save_lora
 
 STUDENT, TEACHER = "selfnpo_student", "selfnpo_teacher"
 
@@ -47,7 +47,9 @@ class TrainableOffset:
                 if self.decay >= 1.0
                 else {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
             )
-            unet.requires_grad_(True)
+            # all base weights train; adapters the user loaded (a style LoRA) stay as they are
+            for n, prm in unet.named_parameters():
+                prm.requires_grad_(not is_adapter_param(n))
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints gradients only in training mode; SD UNets have no dropout
@@ -167,10 +169,12 @@ class TrainableOffset:
             return save_lora(self.model.pipe, unet, STUDENT, out_dir, meta)
         cur = unet.state_dict()
         base = self.base if self.base is not None else self.teacher_net.state_dict()
+        # saved under the plain model's names (peft renames a LoRA-carrying layer's weights), so
+        # the offset applies with or without adapters loaded; loaded adapters are not part of it
         delta = {
-            k: cur[k].detach().cpu().float() - base[k].cpu().float()
+            k.replace(".base_layer.", "."): cur[k].detach().cpu().float() - base[k].cpu().float()
             for k in base
-            if cur[k].is_floating_point()
+            if cur[k].is_floating_point() and not is_adapter_param(k)
         }
         path = Path(out_dir) / "full_delta.safetensors"
         save_full_delta(path, delta, meta)
