@@ -189,6 +189,19 @@ def train_config(cfg: DemoConfig, model: str, out: Path, name: str, spec: dict, 
     return rec
 
 
+AUTOGUIDANCE = "autoguidance"
+
+
+def autoguidance_record(pipe, weak_model: str, out: Path) -> dict:
+    """The weak model as a full-weight offset ``weak - base`` (beta 1 runs exactly its weights)."""
+    from selfnpo.compare.run import autoguidance_offset
+
+    dest = out / "offsets" / AUTOGUIDANCE / "full_delta.safetensors"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    autoguidance_offset(pipe, weak_model, dest)
+    return {"steps": 0, "wall_time_s": 0.0, "network_evals": 0, "offset": str(dest), "weak_model": weak_model}
+
+
 def _base_scores(bench: EvalBench, cache: Path, g: float) -> None:
     """Score the base model at g once per split (cached on disk)."""
     key = ("base", g)
@@ -203,13 +216,15 @@ def _base_scores(bench: EvalBench, cache: Path, g: float) -> None:
     bench.scores[key].save(path)
 
 
-def evaluate(bench: EvalBench, cache: Path, name: str, offset: Path, gs, betas, progress) -> list[dict]:
+def evaluate(
+    bench: EvalBench, cache: Path, name: str, offset: Path, gs, betas, progress, same_prompt: bool = False
+) -> list[dict]:
     rows = []
     for g in gs:
         _base_scores(bench, cache, g)
         for b in betas:
             key = (name, g, b)
-            bench.run(key, g, offset, b)
+            bench.run(key, g, offset, b, same_prompt=same_prompt)
             s = bench.summary(key, ("base", g))
             rows.append({"config": name, "guidance_scale": g, "beta": b, **s})
             p = s["paired"]
@@ -289,6 +304,12 @@ def main() -> None:
     ap.add_argument("--ablate-from", default=ABLATE_FROM, help=f"run the ablations modify {sorted(RUNS)}")
     ap.add_argument("--list", action="store_true", help="print the configuration names and exit")
     ap.add_argument("--model", default="", help="diffusers folder (default: the embedded world model)")
+    ap.add_argument(
+        "--weak-model",
+        default="",
+        help="a weaker version of --model (e.g. an early checkpoint): adds the configuration "
+        "'autoguidance', whose negative branch is that model on the same prompt (beta 1, no training)",
+    )
     ap.add_argument("--guidance-scales", default="1.5,3,5,7.5")
     ap.add_argument("--betas", default="0.25,0.5,1")
     ap.add_argument("--eval-prompts", type=int, default=1024, help="prompts of the split (KID needs >= 1000)")
@@ -308,6 +329,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     configs = grid(a.ablate_from)
+    if a.weak_model:
+        configs[AUTOGUIDANCE] = {"run": AUTOGUIDANCE, "steps": 0, "overrides": {}}
     if a.list:
         for name, spec in configs.items():
             print(f"{name}: {spec['steps']} steps, {spec['overrides']}")
@@ -368,14 +391,20 @@ def main() -> None:
                 f"{name} was already evaluated on test with other settings {done['fingerprint']}; "
                 "test results are final (pass --force only to repair a broken run)"
             )
-        print(f"{name}: training", flush=True)
         spec = configs[name]
-        rec = train_config(cfg, model, out, name, spec, prompts)
+        if name != AUTOGUIDANCE:
+            print(f"{name}: training", flush=True)
+            rec = train_config(cfg, model, out, name, spec, prompts)
         if bench is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             bench = EvalBench(cfg, load_pipeline(model, device=device, dtype="fp32"), load_classifier())
+        if name == AUTOGUIDANCE:
+            rec = autoguidance_record(bench.pipe, a.weak_model, out)
         print(f"{name}: evaluating on {a.split}", flush=True)
-        rows = evaluate(bench, split_dir / "scores", name, Path(rec["offset"]), gs, betas, print)
+        same = name == AUTOGUIDANCE  # the weak model on the same prompt, at beta 1 only
+        rows = evaluate(
+            bench, split_dir / "scores", name, Path(rec["offset"]), gs, [1.0] if same else betas, print, same
+        )
         results[name] = _clean(
             {
                 "fingerprint": fp,

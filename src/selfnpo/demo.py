@@ -130,14 +130,23 @@ class DemoConfig:
 
 @torch.no_grad()
 def generate_uint8(
-    pipe, prompts: list[str], seeds: list[int], g: float, steps: int, batch: int = 64
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    g: float,
+    steps: int,
+    batch: int = 64,
+    negative_prompts: list[str] | None = None,
 ) -> np.ndarray:
-    """Images as uint8 ``[N, H, W, 3]``, image i from seed ``seeds[i]`` (batch-independent noise)."""
+    """Images as uint8 ``[N, H, W, 3]``, image i from seed ``seeds[i]`` (batch-independent noise);
+    ``negative_prompts``: the negative branch's prompts (default: the empty prompt)."""
     out = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[i : i + batch]]
+        neg = None if negative_prompts is None else negative_prompts[i : i + batch]
         ims = pipe(
             prompts[i : i + batch],
+            negative_prompt=neg,
             guidance_scale=g,
             num_inference_steps=steps,
             generator=gens,
@@ -193,16 +202,22 @@ class EvalBench:
         beta: float,
         positive: Path | None = None,
         alpha: float = 0.0,
+        same_prompt: bool = False,
     ):
         """Generate and score one setting (``offset=None`` or ``beta=0``: no negative offset;
-        ``positive``: a positive offset eta on the conditional branch, ``alpha`` of it on the negative)."""
+        ``positive``: a positive offset eta on the conditional branch, ``alpha`` of it on the negative;
+        ``same_prompt``: the negative branch gets the prompt instead of the empty prompt, which with
+        a weak model's weights as the offset is autoguidance)."""
         from .evaluation.world_eval import score_images
         from .npo import NPOGuidance
 
         if key not in self.scores:
             neg = offset if beta else None
             with NPOGuidance(self.pipe, negative=neg, positive=positive, alpha=alpha, beta=beta):
-                ims = generate_uint8(self.pipe, self.prompts, self.seeds, g, self.cfg.sample_steps)
+                negs = self.prompts if same_prompt else None
+                ims = generate_uint8(
+                    self.pipe, self.prompts, self.seeds, g, self.cfg.sample_steps, negative_prompts=negs
+                )
             self.images[key] = ims
             self.scores[key] = score_images(self.classifier, ims, self.prompts)
         return self.scores[key]
