@@ -152,3 +152,28 @@ def test_pretrain_recipes_fill_only_settings_left_at_their_defaults():
     assert v3.unet_steps == 500  # an explicit setting wins over the recipe
     with pytest.raises(SelfNPOError, match="unet-channels"):
         PretrainConfig(unet_channels="48,x").validate()
+
+
+def test_export_with_fp16_text_encoder_loads_as_fp32_and_matches(tmp_path):
+    """The shipped form's text encoder stored in fp16 loads as fp32 in plain diffusers and
+    encodes prompts as the fp32 original does, up to fp16 rounding of its weights."""
+    from safetensors.torch import load_file
+
+    from selfnpo.world.model import export_model
+
+    plain, half = tmp_path / "plain", tmp_path / "half"
+    export_model(shipped_model_dir(), plain)
+    export_model(shipped_model_dir(), half, text_fp16=True)
+    stored = load_file(str(half / "text_encoder" / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
+    size = lambda d: (d / "text_encoder" / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.55 * size(plain)
+    a = StableDiffusionPipeline.from_pretrained(str(plain)).text_encoder
+    b = StableDiffusionPipeline.from_pretrained(str(half)).text_encoder
+    assert b.dtype == torch.float32
+    ids = CLIPTokenizer.from_pretrained(str(half / "tokenizer"))(
+        ["a large red circle in the center"], padding="max_length", return_tensors="pt"
+    )["input_ids"]
+    with torch.no_grad():
+        ea, eb = a(ids)[0], b(ids)[0]
+    assert torch.allclose(ea, eb, atol=2e-2) and not torch.equal(ea, eb)

@@ -104,6 +104,9 @@ class PretrainConfig:
         0, "also keep the model at this UNet step as OUTPUT_DIR/weak-model (autoguidance; 0 = off)"
     )
     export: str = opt("", "also write the shipped form (UNet and VAE in fp16) to this folder")
+    export_text_fp16: bool = opt(
+        False, "--export also stores the text encoder's weights in fp16 (it still loads as fp32)"
+    )
     checkpoint_every: int = opt(200, "steps between checkpoints")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "auto, cpu, cuda")
@@ -122,6 +125,7 @@ class PretrainConfig:
             "ema_decay": 0.999,
             "snr_gamma": 5.0,
             "weak_steps": 1000,
+            "export_text_fp16": True,
         },
     }
 
@@ -464,7 +468,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
             _finish(run, cfg, weak)
     model = _finish(run, cfg, run / "model")
     if cfg.export:
-        export_model(model, Path(cfg.export))
+        export_model(model, Path(cfg.export), text_fp16=cfg.export_text_fp16)
     return model
 
 
@@ -524,11 +528,13 @@ def _record_reconstruction(pipe, path: Path, seed: int) -> None:
     atomic_write_text(path, json.dumps(out, indent=2))
 
 
-def export_model(model_dir: Path, dest: Path) -> None:
+def export_model(model_dir: Path, dest: Path, text_fp16: bool = False) -> None:
     """Copy a trained pipeline with the UNet and VAE stored in fp16 (the form shipped in the package).
 
-    The text encoder stays fp32: transformers loads weights in their stored dtype while diffusers
-    loads fp32, and a plain ``from_pretrained(folder)`` must give one dtype throughout.
+    A plain ``from_pretrained(folder)`` must give one dtype throughout. transformers loads a model
+    in the dtype its config names, so with ``text_fp16`` the text encoder's weights are stored in
+    fp16 (half the size: its token table is most of the package) under a config that says float32;
+    otherwise they stay fp32.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -537,5 +543,14 @@ def export_model(model_dir: Path, dest: Path) -> None:
     )
     pipe.unet.to(torch.float16)
     pipe.vae.to(torch.float16)
+    if text_fp16:
+        pipe.text_encoder.to(torch.float16)
     with atomic_dir(dest) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if text_fp16:
+            path = Path(tmp) / "text_encoder" / "config.json"
+            conf = json.loads(path.read_text())
+            conf["dtype"] = "float32"
+            if "torch_dtype" in conf:
+                conf["torch_dtype"] = "float32"
+            atomic_write_text(path, json.dumps(conf, indent=2) + "\n")
