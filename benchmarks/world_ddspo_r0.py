@@ -27,7 +27,7 @@ import _common as C  # noqa: E402
 from selfnpo.demo import DemoConfig, EvalBench, train_to
 from selfnpo.io import atomic_write_text
 from selfnpo.models.loading import load_pipeline
-from selfnpo.objectives.r0 import R0Scheduler
+from selfnpo.schedulers import R0Scheduler
 from selfnpo.world.classifier import load_classifier
 from selfnpo.world.model import shipped_model_dir, world_prompts
 

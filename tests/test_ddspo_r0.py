@@ -240,7 +240,7 @@ def test_r0_generator_with_eta_one_is_ddim(tiny_sd):
 
 
 def test_r0_scheduler_is_the_generator_at_a_fixed_eta(tiny_sd):
-    from selfnpo.objectives.r0 import R0Scheduler
+    from selfnpo.schedulers import R0Scheduler
 
     model = DiffusionModel(load_pipeline(tiny_sd, device="cpu", dtype="fp32"))
     cond = model.encode(["a red circle", "green star"])

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .errors import SelfNPOError
 from .io import atomic_dir, check_writable_parent, write_marker
 from .offsets import canonical_params, load_full_delta, offset_kind, resolve_offset_file
-from .training.config import opt
+from .options import opt
 
 Delta = Mapping[str, Tensor]  # plain-model parameter name -> dense offset of the same shape
 _TMP_ADAPTER = "selfnpo_algebra"

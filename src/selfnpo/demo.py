@@ -25,7 +25,7 @@ import torch
 
 from .errors import SelfNPOError
 from .io import atomic_write_text, claim_output_dir
-from .training.config import opt
+from .options import opt
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .io import (
     remove_stale_temps,
     removed_on_failure,
 )
-from .training.config import MAX_SEED, check_finite, opt, with_defaults
+from .options import MAX_SEED, check_finite, opt, with_defaults
 
 SCHEDULERS = (
     "DDIMScheduler",
@@ -276,7 +276,7 @@ def _generate(
         kind = "a flow-matching" if flow else "a diffusion (VP)"
         raise SelfNPOError(f"--scheduler {cfg.scheduler} does not fit {type(pipe).__name__}, {kind} model")
     if cfg.scheduler == "R0Scheduler":  # R0's few-step generator (docs/ddspo_r0.md)
-        from .objectives.r0 import R0Scheduler
+        from .schedulers import R0Scheduler
 
         pipe.scheduler = R0Scheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
         pipe.scheduler.r0_eta = cfg.r0_eta

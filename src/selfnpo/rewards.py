@@ -3,7 +3,9 @@
 A reward takes decoded images as a float tensor ``[B, 3, H, W]`` in ``[-1, 1]`` (what
 ``DiffusionModel.decode_latents`` returns) and the prompts, and returns one score per image,
 higher is better. Methods that need a reward (reward fine-tuning, R0, building preference pairs)
-look it up by name with :func:`get_reward`; users add their own with :func:`register_reward`.
+look it up with :func:`get_reward`: a name registered with :func:`register_reward`, a name a package
+publishes in the ``selfnpo.rewards`` entry-point group (the embedded world's ``world`` is one), or
+``package.module:attr`` naming a factory ``(device) -> Reward``.
 
 Diffusion-NPO trains a negative model with any reward method by using ``R_NPO = 1 - R``
 (Diffusion-NPO, "Reward-based NPO"): :func:`npo_reward`.
@@ -11,7 +13,9 @@ Diffusion-NPO trains a negative model with any reward method by using ``R_NPO = 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from typing import Protocol
 
 import torch
@@ -40,11 +44,33 @@ def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
     return deco
 
 
+def _published() -> dict:
+    return {ep.name: ep for ep in entry_points(group="selfnpo.rewards")}
+
+
+def _import_attr(spec: str) -> RewardFactory:
+    mod, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise SelfNPOError(f"cannot import reward {spec!r} ({type(e).__name__})") from None
+    if not callable(factory):
+        raise SelfNPOError(f"reward {spec!r} is not callable")
+    return factory
+
+
 def get_reward(name: str, device: torch.device | str = "cpu") -> Reward:
-    """Build the reward registered as ``name`` on ``device``."""
-    if name not in REWARDS:
-        raise SelfNPOError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
-    return REWARDS[name](torch.device(device))
+    """Build the reward ``name`` on ``device``: registered, published as an entry point, or ``module:attr``."""
+    if name in REWARDS:
+        factory = REWARDS[name]
+    elif name in (published := _published()):
+        factory = published[name].load()
+    elif ":" in name:
+        factory = _import_attr(name)
+    else:
+        known = ", ".join(sorted({*REWARDS, *published}))
+        raise SelfNPOError(f"unknown reward {name!r}; known: {known}, or module:attr")
+    return factory(torch.device(device))
 
 
 def npo_reward(reward: Reward) -> Reward:
@@ -54,25 +80,3 @@ def npo_reward(reward: Reward) -> Reward:
         return 1.0 - reward(images, prompts)
 
     return r_npo
-
-
-class WorldReward:
-    """The embedded world's reward: per-attribute geometric mean of the classifier's probability
-    that the image shows what the caption states (``selfnpo.world.classifier.reward_01``)."""
-
-    def __init__(self, device: torch.device) -> None:
-        from .world.classifier import load_classifier
-
-        self.classifier = load_classifier(device=str(device)).requires_grad_(False).eval()
-
-    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        from .world.classifier import reward_01
-
-        if images.shape[-2:] != (32, 32):
-            raise SelfNPOError(
-                f"the world reward scores 32x32 images of the embedded world; got {tuple(images.shape[-2:])}"
-            )
-        return reward_01(self.classifier, images.float().clamp(-1, 1), list(prompts))
-
-
-register_reward("world")(WorldReward)

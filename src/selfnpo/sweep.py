@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import SelfNPOError
 from .io import atomic_path, atomic_write_text, claim_output_dir, lock_dir, removed_on_failure
-from .training.config import opt
+from .options import opt
 
 METRICS = (  # key, label, higher is better
     ("reward_diff", "reward difference vs alpha=beta=0 (paired)", True),

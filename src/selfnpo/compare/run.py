@@ -18,8 +18,8 @@ from pathlib import Path
 from ..errors import SelfNPOError
 from ..generate import SCHEDULERS
 from ..io import atomic_write_text, read_prompts
+from ..options import opt, with_defaults
 from ..scoring.run import ScoreConfig
-from ..training.config import opt, with_defaults
 from .settings import OFFSET_KINDS, Setting, parse_settings, slug
 
 PAG_PIPELINES = {

@@ -90,52 +90,82 @@ class StepContext:
 
 
 Objective = Callable[[StepContext, Batch], Tensor]
-OBJECTIVES: dict[str, Objective] = {}
-# objectives whose teacher must be the frozen base model (a reference), whatever --teacher says
-REFERENCE_OBJECTIVES: set[str] = set()
-# objectives that call ctx.reward
-REWARD_OBJECTIVES: set[str] = set()
-# objectives that draw their own samples from noise: the data source gives prompts only
-PROMPT_ONLY_OBJECTIVES: set[str] = set()
-# objectives trained on preference pairs (--pairs)
-PAIR_OBJECTIVES: set[str] = set()
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """A registered objective and what the training loop must know about it.
+
+    ``configs``: the dataclasses of the objective's own settings, defined beside it (their fields
+    become ``selfnpo train`` flags; each may define ``check(self)`` raising one-line errors);
+    ``reference``: the teacher is the frozen base model, whatever ``--teacher`` says;
+    ``uses_reward``: the loop builds ``ctx.reward`` from ``--reward``; ``prompts_only``: it draws
+    its own samples, so the data source gives prompts only; ``pairs``: it trains on preference
+    pairs (``--pairs``).
+    """
+
+    name: str
+    fn: Objective
+    configs: tuple[type, ...] = ()
+    reference: bool = False
+    uses_reward: bool = False
+    prompts_only: bool = False
+    pairs: bool = False
+
+
+SPECS: dict[str, ObjectiveSpec] = {}
+OBJECTIVES: dict[str, Objective] = {}  # name -> loss function (what the loop calls)
 
 
 def register(
     name: str,
+    configs: tuple[type, ...] = (),
     reference: bool = False,
     uses_reward: bool = False,
     prompts_only: bool = False,
     pairs: bool = False,
 ) -> Callable[[Objective], Objective]:
-    """Register an objective; ``reference``: it needs the frozen base as teacher; ``uses_reward``:
-    the loop builds ``ctx.reward`` from the config's ``reward`` name; ``prompts_only``: it needs
-    no clean latents; ``pairs``: it trains on preference pairs."""
+    """Register an objective under ``name`` (see :class:`ObjectiveSpec` for the flags)."""
 
     def deco(fn: Objective) -> Objective:
+        SPECS[name] = ObjectiveSpec(name, fn, tuple(configs), reference, uses_reward, prompts_only, pairs)
         OBJECTIVES[name] = fn
-        for flag, table in (
-            (reference, REFERENCE_OBJECTIVES),
-            (uses_reward, REWARD_OBJECTIVES),
-            (prompts_only, PROMPT_ONLY_OBJECTIVES),
-            (pairs, PAIR_OBJECTIVES),
-        ):
-            if flag:
-                table.add(name)
         return fn
 
     return deco
 
 
-def _load_all() -> None:
-    from . import ddspo, diffusion, dpo, full_sim, r0, reward, tdft  # noqa: F401  (registration side effects)
+def discover() -> dict[str, ObjectiveSpec]:
+    """Import every module of :mod:`selfnpo.objectives` (each registers its objectives); the specs."""
+    import importlib
+    import pkgutil
+
+    from .. import objectives
+
+    for mod in pkgutil.iter_modules(objectives.__path__):
+        if mod.name != "base":
+            importlib.import_module(f"{objectives.__name__}.{mod.name}")
+    return SPECS
+
+
+def get_spec(name: str) -> ObjectiveSpec:
+    specs = discover()
+    if name not in specs:
+        raise KeyError(f"unknown objective {name!r}; known: {', '.join(sorted(specs))}")
+    return specs[name]
 
 
 def get_objective(name: str) -> Objective:
-    _load_all()
-    if name not in OBJECTIVES:
-        raise KeyError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    get_spec(name)
     return OBJECTIVES[name]
+
+
+def objective_configs() -> list[type]:
+    """Every registered objective's config dataclasses, once each, in discovery order."""
+    out: list[type] = []
+    for spec in discover().values():
+        out += [c for c in spec.configs if c not in out]
+    return out
 
 
 def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:

@@ -22,6 +22,7 @@ as the negative branch of NPO guidance (Diffusion-NPO's recipe applied to DDSPO)
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,11 +30,12 @@ from torch import Tensor
 from ..conditioning import Cond
 from ..degrade import Degrader, degrade_prompt, get_degrader
 from ..errors import SelfNPOError
+from ..options import opt
 from ..param import target_for
 from ..sampling import ddim_sample
 from ..schedules import ddim_grid
 from .base import Batch, StepContext, mse, register, uniform_int
-from .dpo import dpo_loss
+from .dpo import DPOConfig, dpo_loss
 
 
 def ddspo_loss(
@@ -142,13 +144,57 @@ def ddspo_objective(
     return ddspo_loss(pw, pl, rw, rl, target_w, target_l, beta, c.dpo_beta_convention)
 
 
-@register("ddspo", reference=True)
+@dataclass
+class DDSPOConfig:
+    """DDSPO (objectives ddspo, ddspo_npo); its DPO beta defaults to ``--dpo-beta``."""
+
+    ddspo_variant: str = opt(
+        "paired",
+        "ddspo: where the losing images come from: paired (the reference's samples under c-, made on "
+        "the fly; the paper's main setting), unpaired (other prompts' images of the batch with c-; "
+        "'Not-paired'), random_positive (other prompts' images with their own prompts as c-)",
+        choices=("paired", "unpaired", "random_positive"),
+    )
+    ddspo_degrade: str = opt(
+        "random_removal",
+        "ddspo: prompt degradation c -> c-: random_removal, a .jsonl/.tsv file of rewrites (e.g. an "
+        "LLM's) or module:function",
+    )
+    ddspo_remove_low: float = opt(0.4, "ddspo random_removal: smallest fraction of tokens removed")
+    ddspo_remove_high: float = opt(0.7, "ddspo random_removal: largest fraction of tokens removed")
+    ddspo_targets: str = opt(
+        "reference",
+        "ddspo: score targets: reference (eq. 7) or noise (the forward noise: Diffusion-DPO on the same "
+        "(c, c-) pairs, the paper's D-DPO baseline)",
+        choices=("reference", "noise"),
+    )
+    ddspo_beta: float = opt(0.0, "ddspo: DPO beta of the score-space loss (0 = use --dpo-beta)")
+    ddspo_loser_steps: int = opt(
+        0, "ddspo paired: DDIM steps for the losing images under c- (0 = --grid-steps, like the pool)"
+    )
+
+    def check(self) -> None:
+        if not 0.0 <= self.ddspo_remove_low <= self.ddspo_remove_high <= 1.0:
+            raise SelfNPOError("--ddspo-remove-low/high must satisfy 0 <= low <= high <= 1")
+        if self.ddspo_beta < 0:
+            raise SelfNPOError("--ddspo-beta must be >= 0")
+        if (
+            self.objective in ("ddspo", "ddspo_npo")
+            and self.ddspo_variant != "paired"
+            and self.batch_size < 2
+        ):
+            raise SelfNPOError(f"--ddspo-variant {self.ddspo_variant} needs --batch-size >= 2")
+        if not 0 <= self.ddspo_loser_steps <= 1000:
+            raise SelfNPOError("--ddspo-loser-steps must be in 0..1000")
+
+
+@register("ddspo", configs=(DDSPOConfig, DPOConfig), reference=True)
 def ddspo(ctx: StepContext, batch: Batch) -> Tensor:
     """DDSPO (eq. 7): follow the reference under ``c``, move away from it under ``c-`` (a positive offset)."""
     return ddspo_objective(ctx, batch)
 
 
-@register("ddspo_npo", reference=True)
+@register("ddspo_npo", configs=(DDSPOConfig, DPOConfig), reference=True)
 def ddspo_npo(ctx: StepContext, batch: Batch) -> Tensor:
     """DDSPO with the branches swapped: the offset learns the degraded direction (a negative offset)."""
     return ddspo_objective(ctx, batch, reverse=True)

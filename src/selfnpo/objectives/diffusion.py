@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from ..errors import SelfNPOError
+from ..options import opt
 from .base import Batch, StepContext, mse, register, uniform_int
 
 
-@register("diffusion")
+@dataclass
+class DiffusionConfig:
+    """Plain diffusion fine-tuning."""
+
+    snr_gamma: float = opt(
+        0.0, "diffusion objective: min-SNR-gamma loss weight min(SNR, gamma)/SNR (Hang et al. 2023; 0 = off)"
+    )
+
+    def check(self) -> None:
+        if not 0.0 <= self.snr_gamma < float("inf"):
+            raise SelfNPOError("--snr-gamma must be a finite number >= 0")
+
+
+@register("diffusion", configs=(DiffusionConfig,))
 def diffusion(ctx: StepContext, batch: Batch) -> Tensor:
     """``|| f(x_t, t, c) - target ||^2`` with ``x_t = alpha_t x0 + sigma_t eps`` and ``t`` uniform;
     target is eps, v, x0 or the flow velocity ``eps - x0`` per the model's schedule."""

@@ -15,11 +15,15 @@ with the same loss and winner and loser swapped (``dpo_npo``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..conditioning import Cond
+from ..errors import SelfNPOError
+from ..options import opt
 from ..param import target_for
 from .base import Batch, StepContext, mse, register, uniform_int
 
@@ -67,13 +71,30 @@ def _dpo(ctx: StepContext, batch: Batch, reverse: bool) -> Tensor:
     return dpo_loss(err[:n], err[n:], ref[:n], ref[n:], cfg.dpo_beta, cfg.dpo_beta_convention)
 
 
-@register("dpo", reference=True, pairs=True)
+@dataclass
+class DPOConfig:
+    """Diffusion-DPO and Diffusion-NPO on preference pairs (and DDSPO's DPO beta)."""
+
+    dpo_beta: float = opt(5000.0, "Diffusion-DPO beta (strength of the KL regularisation)")
+    dpo_beta_convention: str = opt(
+        "original",
+        "how beta enters the DPO loss: original (-0.5*beta*(model_diff - ref_diff), the Diffusion-DPO "
+        "code) or diffusers (beta*(ref_diff - model_diff), twice as strong at equal beta)",
+        choices=("original", "diffusers"),
+    )
+
+    def check(self) -> None:
+        if not self.dpo_beta > 0:
+            raise SelfNPOError("--dpo-beta must be > 0")
+
+
+@register("dpo", configs=(DPOConfig,), reference=True, pairs=True)
 def dpo(ctx: StepContext, batch: Batch) -> Tensor:
     """Diffusion-DPO on (winner, loser) pairs: trains a positive offset eta."""
     return _dpo(ctx, batch, reverse=False)
 
 
-@register("dpo_npo", reference=True, pairs=True)
+@register("dpo_npo", configs=(DPOConfig,), reference=True, pairs=True)
 def dpo_npo(ctx: StepContext, batch: Batch) -> Tensor:
     """Diffusion-NPO: Diffusion-DPO with winner and loser swapped; trains a negative offset delta."""
     return _dpo(ctx, batch, reverse=True)

@@ -8,9 +8,10 @@ from torch import Tensor
 from ..sampling import ddim_sample
 from ..schedules import ddim_grid
 from .base import Batch, StepContext, register, regression_loss, uniform_int
+from .tdft import RolloutConfig
 
 
-@register("full_sim")
+@register("full_sim", configs=(RolloutConfig,))
 def full_sim(ctx: StepContext, batch: Batch) -> Tensor:
     """Teacher samples ``x0`` over the whole grid with guidance ``w`` (eq. 10); the student
     regresses it from ``x_t = alpha_t x0 + sigma_t eps`` at a uniform ``t`` (eq. 11)."""

@@ -23,34 +23,45 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
 from torch import Tensor
 
 from ..errors import SelfNPOError
 from ..guidance import BoundDenoiser
 from ..models.sd import DiffusionModel
-from ..param import to_eps, to_x0
+from ..options import opt
 from ..rewards import Reward, get_reward
 from ..schedules import ddim_grid
 from .base import Batch, StepContext, register, uniform_int
+from .reward import RewardConfig
 
 # noise levels of the implicit CFG reward: t ~ U[CFG_T_LOW * T, CFG_T_HIGH * T]
 CFG_T_LOW, CFG_T_HIGH = 0.02, 0.98
 
 
 def parse_rewards(spec: str, default: str) -> list[tuple[str, float]]:
-    """``"name:weight,name:weight"`` -> ``[(name, weight)]``; empty -> ``[(default, 1.0)]``."""
+    """``"name:weight,name:weight"`` -> ``[(name, weight)]``; empty -> ``[(default, 1.0)]``.
+
+    A name may itself be ``module:attr`` (see :func:`selfnpo.rewards.get_reward`): the weight is
+    the part after the last colon when that part is a number, otherwise the weight is 1.
+    """
     if not spec.strip():
         return [(default, 1.0)]
     out = []
     for item in spec.split(","):
-        name, sep, w = item.strip().partition(":")
+        name, sep, w = item.strip().rpartition(":")
         try:
             weight = float(w) if sep else 1.0
         except ValueError:
-            raise SelfNPOError(f"--r0-rewards: bad weight in {item.strip()!r} (use name:weight)") from None
+            if "." not in name:  # a bad weight, not a module:attr reward
+                raise SelfNPOError(
+                    f"--r0-rewards: bad weight in {item.strip()!r} (use name:weight)"
+                ) from None
+            name, weight = item.strip(), 1.0
+        if not sep:
+            name = w
         if not name or weight < 0:
             raise SelfNPOError(f"--r0-rewards: bad entry {item.strip()!r} (use name:weight, weight >= 0)")
         out.append((name, weight))
@@ -181,60 +192,44 @@ def _generate(ctx: StepContext, batch: Batch, plus: bool) -> Tensor:
     return r0_sample(m, f, z, grid, etas, ctx.randn, calls=calls, grad_calls=1 if plus else None)
 
 
-@register("r0", reference=True, uses_reward=True, prompts_only=True)
+@dataclass
+class R0Config:
+    """R0 and R0+ (objectives r0, r0_plus): a few-step generator trained on rewards alone."""
+
+    r0_rewards: str = opt(
+        "", "r0: weighted rewards 'name:weight,name:weight' (empty = --reward with weight 1)"
+    )
+    r0_steps: int = opt(4, "r0: K, steps of the generator (eq. 3.2) during training")
+    r0_cfg_weight: float = opt(1.0, "r0: weight of the implicit CFG reward (0 = off)")
+    r0_reg_weight: float = opt(1.0, "r0: weight of the weight regularisation ||W - W_0||^2 (eq. 3.3)")
+    r0_raw_grads: bool = opt(
+        False, "r0: sum the weighted raw reward gradients instead of normalising each to unit norm (eq. 3.5)"
+    )
+    r0_fixed_eta: bool = opt(
+        False, "r0: train with --r0-eta at every step instead of eta ~ U[0, 1] (eq. 3.4)"
+    )
+    r0_eta: float = opt(1.0, "r0: the fixed eta of --r0-fixed-eta (1 = deterministic DDIM)")
+
+    def check(self) -> None:
+        if not 1 <= self.r0_steps <= 1000:
+            raise SelfNPOError("--r0-steps must be in 1..1000")
+        if self.r0_cfg_weight < 0:
+            raise SelfNPOError("--r0-cfg-weight must be >= 0")
+        if self.r0_reg_weight < 0:
+            raise SelfNPOError("--r0-reg-weight must be >= 0")
+        if not 0.0 <= self.r0_eta <= 1.0:
+            raise SelfNPOError("--r0-eta must be in [0, 1]")
+        if self.objective in ("r0", "r0_plus"):
+            parse_rewards(self.r0_rewards, self.reward)
+
+
+@register("r0", configs=(R0Config, RewardConfig), reference=True, uses_reward=True, prompts_only=True)
 def r0(ctx: StepContext, batch: Batch) -> Tensor:
     """R0 (Algorithm 1): rewards of the K-step generator's output, backpropagated through all K steps."""
     return r0_loss(ctx, batch, _generate(ctx, batch, plus=False))
 
 
-@register("r0_plus", reference=True, uses_reward=True, prompts_only=True)
+@register("r0_plus", configs=(R0Config, RewardConfig), reference=True, uses_reward=True, prompts_only=True)
 def r0_plus(ctx: StepContext, batch: Batch) -> Tensor:
     """R0+ (eqs. 4.1-4.2): rewards of a random intermediate estimate ``x0^(k)``, one step with gradient."""
     return r0_loss(ctx, batch, _generate(ctx, batch, plus=True))
-
-
-class R0Scheduler(DDIMScheduler):
-    """diffusers' DDIM with R0's generator step (eq. 3.2) at a fixed ``r0_eta`` (1 = DDIM).
-
-    ``x_prev = alpha_prev * x0 + sigma_prev * (eta * eps + sqrt(1 - eta^2) * noise)``, and the last
-    step returns the Tweedie estimate itself (R0's ``sigma_0 = 0``), as :func:`r0_sample` does.
-    Set ``scheduler.r0_eta`` after :meth:`from_config`.
-    """
-
-    r0_eta: float = 1.0
-
-    def step(
-        self,
-        model_output: Tensor,
-        timestep: int,
-        sample: Tensor,
-        eta: float = 0.0,
-        use_clipped_model_output: bool = False,
-        generator=None,
-        variance_noise: Tensor | None = None,
-        return_dict: bool = True,
-    ):
-        from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-        from diffusers.utils.torch_utils import randn_tensor
-
-        ts = [int(t) for t in self.timesteps]
-        i = ts.index(int(timestep))
-        ac = self.alphas_cumprod.to(sample.device)
-        a, s = ac[ts[i]].sqrt(), (1 - ac[ts[i]]).sqrt()
-        kind = self.config.prediction_type
-        x0, eps = to_x0(model_output, sample, a, s, kind), to_eps(model_output, sample, a, s, kind)
-        if i + 1 == len(ts):
-            prev = x0
-        else:
-            a_prev = ac[ts[i + 1]]
-            if variance_noise is None:
-                variance_noise = randn_tensor(
-                    model_output.shape, generator=generator, device=sample.device, dtype=sample.dtype
-                )
-            e = float(self.r0_eta)
-            mixed = e * eps + (1.0 - e * e) ** 0.5 * variance_noise
-            prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * mixed
-        prev = prev.to(sample.dtype)
-        if not return_dict:
-            return (prev, x0)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

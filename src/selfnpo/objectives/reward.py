@@ -9,9 +9,13 @@ Diffusion-NPO's reward-based recipe for a negative offset (Diffusion-NPO, "Rewar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
+from ..errors import SelfNPOError
 from ..guidance import cfg as guided
+from ..options import opt
 from ..rewards import npo_reward
 from ..sampling import ddim_sample_grad
 from ..schedules import ddim_grid
@@ -44,13 +48,35 @@ def _reward_loss(ctx: StepContext, batch: Batch, npo: bool) -> Tensor:
     return -r(sample_with_grad(ctx, batch), batch.prompts)
 
 
-@register("reward", reference=True, uses_reward=True, prompts_only=True)
+@dataclass
+class RewardConfig:
+    """Differentiable-reward fine-tuning (DRaFT-K) with R or 1 - R; ``reward`` also serves R0."""
+
+    reward: str = opt(
+        "world",
+        "reward model: a registered or published name ('world' = the embedded world's) or module:attr "
+        "(selfnpo.rewards)",
+    )
+    reward_steps: int = opt(10, "reward objectives: DDIM steps of the sampling rollout")
+    reward_grad_steps: int = opt(1, "reward objectives: K of DRaFT-K, gradient through the last K steps")
+    reward_guidance: float = opt(7.5, "reward objectives: guidance scale g of the rollout (1 = no CFG)")
+
+    def check(self) -> None:
+        if self.reward_steps < 1:
+            raise SelfNPOError("--reward-steps must be >= 1")
+        if not 1 <= self.reward_grad_steps <= self.reward_steps:
+            raise SelfNPOError("--reward-grad-steps must be in 1..--reward-steps")
+        if not self.reward_guidance >= 1.0:
+            raise SelfNPOError("--reward-guidance must be >= 1")
+
+
+@register("reward", configs=(RewardConfig,), reference=True, uses_reward=True, prompts_only=True)
 def reward(ctx: StepContext, batch: Batch) -> Tensor:
     """DRaFT-K: maximise ``R`` of the student's own samples (a positive offset)."""
     return _reward_loss(ctx, batch, npo=False)
 
 
-@register("reward_npo", reference=True, uses_reward=True, prompts_only=True)
+@register("reward_npo", configs=(RewardConfig,), reference=True, uses_reward=True, prompts_only=True)
 def reward_npo(ctx: StepContext, batch: Batch) -> Tensor:
     """Reward-based Diffusion-NPO: maximise ``1 - R`` (a negative offset delta)."""
     return _reward_loss(ctx, batch, npo=True)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from ..errors import SelfNPOError
+from ..options import opt
 from ..param import renoise
 from ..sampling import ddim_rollout
 from ..schedules import ddim_grid, grid_stride
@@ -25,7 +29,33 @@ def start_state(ctx: StepContext, batch: Batch, shape: tuple[int, ...]) -> tuple
     return a * batch.x0 + s * ctx.randn(shape), t_prime
 
 
-@register("tdft")
+@dataclass
+class RolloutConfig:
+    """The teacher rollout and the regression of TDFT (and of the full-simulation baseline)."""
+
+    k_steps: int = opt(5, "K: teacher DDIM steps from t' to t (t = t' - K*T/grid_steps, clamped at 0)")
+    rollout_guidance: float = opt(
+        -1.0, "w: paper guidance weight of the teacher rollout (-1 = unconditional only; g = w+1)"
+    )
+    authors_cond_pass: bool = opt(
+        False,
+        "compute the conditional teacher pass even when w = -1 and discard it (authors' cost)",
+    )
+    loss: str = opt(
+        "pseudo_huber", "regression loss on x0: pseudo_huber or l2", choices=("pseudo_huber", "l2")
+    )
+    huber_c: float = opt(1e-3, "pseudo-Huber constant c")
+
+    def check(self) -> None:
+        if self.k_steps < 1:
+            raise SelfNPOError("--k-steps must be >= 1")
+        if self.k_steps > self.grid_steps:
+            raise SelfNPOError(f"--k-steps {self.k_steps} is larger than the grid ({self.grid_steps})")
+        if not self.huber_c > 0:
+            raise SelfNPOError("--huber-c must be > 0")
+
+
+@register("tdft", configs=(RolloutConfig,))
 def tdft(ctx: StepContext, batch: Batch) -> Tensor:
     """Self-NPO TDFT loss per sample.
 

@@ -23,8 +23,8 @@ from ..errors import SelfNPOError
 from ..io import atomic_dir, check_output_dir, check_writable_parent, read_prompts, write_marker
 from ..models import model_for
 from ..models.sd import DiffusionModel
+from ..options import MAX_SEED, check_finite, opt
 from ..schedules import ddim_grid
-from ..training.config import MAX_SEED, check_finite, opt
 from ..training.data import sample_latents
 from .pairs import FORMAT, PairRecord, write_pairs
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..errors import SelfNPOError
 from ..io import atomic_dir, check_output_dir, check_writable_parent, write_marker
-from ..training.config import opt
+from ..options import opt
 from .pairs import FORMAT, PairRecord, write_pairs
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")

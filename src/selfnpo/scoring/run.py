@@ -19,7 +19,7 @@ from PIL import Image
 from ..errors import SelfNPOError
 from ..evaluation.stats import paired_diff_ci, win_rate
 from ..io import atomic_write_text
-from ..training.config import opt
+from ..options import opt
 from . import SCORERS, load_scorer, release_models
 
 

@@ -31,10 +31,11 @@ from ..io import (
 from ..models import model_for
 from ..models.loading import load_pipeline, resolve_model_class
 from ..models.sd import DiffusionModel
-from ..objectives.base import PROMPT_ONLY_OBJECTIVES, REWARD_OBJECTIVES, Batch, StepContext, get_objective
+from ..objectives.base import Batch, StepContext, get_objective, get_spec
+from ..options import with_defaults
 from ..rewards import get_reward
 from .checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from .config import TrainConfig, with_defaults
+from .config import TrainConfig
 from .data import LatentPool, PromptSource, Source, draw_batch, encode_image_folder, generate_pool
 from .offset import TrainableOffset
 
@@ -112,7 +113,7 @@ def make_source(
         from ..preference.pairs import PairSource
 
         return PairSource.load(cfg.pairs, model, cfg.resolution or model.default_resolution())
-    if cfg.source == "noise" or cfg.objective in PROMPT_ONLY_OBJECTIVES:
+    if cfg.source == "noise" or get_spec(cfg.objective).prompts_only:
         return PromptSource(prompts)
     pool_file = run / "pool.safetensors"
     if pool_file.is_file():
@@ -221,7 +222,7 @@ def _train(
         if acc.is_main_process:
             _trim_log(run, step)
     objective = get_objective(cfg.objective)
-    reward = get_reward(cfg.reward, acc.device) if cfg.objective in REWARD_OBJECTIVES else None
+    reward = get_reward(cfg.reward, acc.device) if get_spec(cfg.objective).uses_reward else None
     shard = (acc.process_index, acc.num_processes)
     ctx = StepContext(
         model, offset.student, offset.teacher, cfg, gen, offset=offset, reward=reward, shard=shard

@@ -30,10 +30,9 @@ class TrainableOffset:
     def __init__(self, model: DiffusionModel, cfg) -> None:
         self.model, self.cfg = model, cfg
         self.mode = cfg.train
-        from ..objectives.base import REFERENCE_OBJECTIVES, get_objective
+        from ..objectives.base import get_spec
 
-        get_objective(cfg.objective)  # registers objectives
-        frozen = cfg.teacher == "frozen" or cfg.objective in REFERENCE_OBJECTIVES
+        frozen = cfg.teacher == "frozen" or get_spec(cfg.objective).reference
         self.decay = 1.0 if frozen else cfg.ema_decay
         unet = model.unet
         unet.requires_grad_(False)

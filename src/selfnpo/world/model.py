@@ -24,8 +24,8 @@ from torch import Tensor
 
 from ..errors import SelfNPOError
 from ..io import atomic_dir, atomic_write_text, claim_output_dir
+from ..options import opt
 from ..training.checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from ..training.config import opt
 from .captions import RELATIONS, CaptionLabels, caption, caption_with_labels
 from .render import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES, render_batch, sample_scene
 
