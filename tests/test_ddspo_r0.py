@@ -18,10 +18,10 @@ from selfnpo.models.sd import DiffusionModel
 from selfnpo.objectives.base import OBJECTIVES, Batch, StepContext, mse
 from selfnpo.objectives.ddspo import ddspo_loss, ddspo_objective
 from selfnpo.objectives.dpo import dpo_loss
-from selfnpo.objectives.r0 import ascent_surrogate, normalise_reward_grads, parse_rewards, r0_loss, r0_sample
+from selfnpo.objectives.r0 import ascent_surrogate, normalise_reward_grads, parse_rewards, r0_loss
 from selfnpo.offsets import lora_layers
 from selfnpo.rewards import register_reward
-from selfnpo.sampling import ddim_sample
+from selfnpo.sampling import ddim_sample, sample
 from selfnpo.schedules import ddim_grid
 from selfnpo.training.config import TrainConfig
 from selfnpo.training.offset import STUDENT, TrainableOffset
@@ -223,7 +223,7 @@ def test_weight_regularisation_is_zero_at_initialisation_and_the_squared_offset_
     assert all(p.grad is not None for p in off.params) and any(p.grad.abs().sum() > 0 for p in off.params)
 
 
-def test_r0_generator_with_eta_one_is_ddim(tiny_sd):
+def test_stochastic_sampler_with_eta_one_is_ddim(tiny_sd):
     model = DiffusionModel(load_pipeline(tiny_sd, device="cpu", dtype="fp32"))
     cond = model.encode(["a red circle", "green star"])
 
@@ -232,9 +232,13 @@ def test_r0_generator_with_eta_one_is_ddim(tiny_sd):
 
     z, grid = torch.randn(2, 4, 8, 8, generator=_gen(8)), ddim_grid(4)
     with torch.no_grad():
-        got = r0_sample(model, f, z, grid, torch.ones(4, 2), lambda s: torch.randn(s, generator=_gen(9)))
+        got = sample(
+            model, f, z, grid, etas=torch.ones(4, 2), randn=lambda s: torch.randn(s, generator=_gen(9))
+        )
         want = ddim_sample(model, f, z, grid)
-        other = r0_sample(model, f, z, grid, torch.zeros(4, 2), lambda s: torch.randn(s, generator=_gen(9)))
+        other = sample(
+            model, f, z, grid, etas=torch.zeros(4, 2), randn=lambda s: torch.randn(s, generator=_gen(9))
+        )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(other, want, atol=1e-3)  # eta = 0 injects fresh noise
 
@@ -256,7 +260,7 @@ def test_r0_scheduler_is_the_generator_at_a_fixed_eta(tiny_sd):
     noises = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(3)]
     with torch.no_grad():
         it = iter(noises)
-        want = r0_sample(model, f, z, ddim_grid(4), torch.full((4, 2), 0.5), lambda s: next(it))
+        want = sample(model, f, z, ddim_grid(4), etas=torch.full((4, 2), 0.5), randn=lambda s: next(it))
         x, it = z, iter(noises)
         for i, t in enumerate(sched.timesteps):
             kw = {"variance_noise": next(it)} if i < 3 else {}
@@ -298,13 +302,13 @@ def _four_step_images(pipe, prompts, scales, seed=123):
     cond = model.encode(prompts)
     z = torch.randn(model.latent_shape(len(prompts)), generator=_gen(seed))
     with torch.no_grad(), adapter_scales(pipe.unet, scales):
-        x = r0_sample(
+        x = sample(
             model,
             lambda x, t: model.predict(x, t, cond),
             z,
             ddim_grid(4),
-            torch.ones(4, len(prompts)),
-            torch.randn,  # unused at eta = 1
+            etas=torch.ones(4, len(prompts)),
+            randn=torch.randn,  # its draws are weighted 0 at eta = 1
         )
         return model.decode_latents(x).clamp(-1, 1)
 

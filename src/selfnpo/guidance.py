@@ -12,7 +12,11 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from .conditioning import Cond
+
 BoundDenoiser = Callable[[Tensor, Tensor], Tensor]
+# an unbound denoiser: ``predict(x_t, t, cond) -> raw prediction`` (a student, teacher or model)
+Predict = Callable[[Tensor, Tensor, Cond], Tensor]
 
 
 def w_to_g(w: float) -> float:
@@ -37,3 +41,20 @@ def cfg(pos: BoundDenoiser, neg: BoundDenoiser, scale: float, always_both: bool 
         return n + scale * (p - n)
 
     return guided
+
+
+def guided(
+    predict: Predict, cond: Cond, uncond: Cond | None = None, scale: float = 1.0, always_both: bool = False
+) -> BoundDenoiser:
+    """``predict`` bound to the prompts' conditioning ``cond`` and to ``uncond``, combined by
+    :func:`cfg` at ``scale`` (``scale == 1``: the conditional branch alone; ``uncond`` may be None)."""
+
+    def pos(x: Tensor, t: Tensor) -> Tensor:
+        return predict(x, t, cond)
+
+    def neg(x: Tensor, t: Tensor) -> Tensor:
+        if uncond is None:
+            raise ValueError("guidance at a scale other than 1 needs the unconditional input")
+        return predict(x, t, uncond)
+
+    return cfg(pos, neg, scale, always_both=always_both)

@@ -102,6 +102,12 @@ def target_for(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction
     raise ValueError(f"unsupported prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
 
 
+def forward_noise(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Forward noising ``x_t = alpha_t x0 + sigma_t eps`` (Self-NPO eq. 2; a flow path has
+    ``alpha = 1 - sigma``)."""
+    return alpha * x0 + sigma * eps
+
+
 def ddim_step(x0: Tensor, eps: Tensor, alpha_next: Tensor, sigma_next: Tensor) -> Tensor:
     """Deterministic DDIM update to the next level: ``x_next = alpha' * x0 + sigma' * eps``.
 

@@ -1,12 +1,25 @@
-"""DDIM-type rollouts used by training objectives (user-facing generation reuses diffusers).
+"""The one DDIM-type sampler of the training objectives (user-facing generation reuses diffusers).
 
-Timesteps are per sample (``t`` has shape ``[B]``) so that one batch can hold states at
-different noise levels. Levels are the schedule's integer training levels; coefficients and
-conversions come from ``model.schedule`` (through ``coeffs`` / ``x0_of`` / ``eps_of``), so the same
-rollout is DDIM on a VP schedule and the Euler step of the velocity ODE on a flow schedule.
+States walk *positions* on an ascending grid of integer training levels (``ddim_grid``): position
+``p`` is level ``grid[p]`` and position ``-1`` is level 0, so every step lands on the grid, whether
+or not the grid divides ``T``. Positions are per sample (``[B]``), so one batch can hold states at
+different levels. Coefficients and conversions come from ``model.schedule`` (through ``coeffs`` /
+``x0_of`` / ``eps_of``), so the same step is DDIM on a VP schedule and the Euler step of the
+velocity ODE on a flow schedule.
+
+One step from level ``t`` to ``t'`` (R0 eq. 3.2, with Self-NPO's DDIM as ``eta = 1``)::
+
+    x' = alpha_t' x0_hat + sigma_t' (eta eps_hat + sqrt(1 - eta^2) z),   z ~ N(0, I)
+
+``eta`` here weighs the predicted noise (R0's convention): 1 is deterministic DDIM, 0 replaces the
+noise by a fresh draw. Uses: the TDFT teacher rollout (:func:`ddim_rollout`), full sampling of the
+pool, the full-simulation baseline and DDSPO (:func:`ddim_sample`), DRaFT-K with gradients through
+the last calls (``grad_calls``) and R0's stochastic generator (``etas``, ``randn``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -16,47 +29,92 @@ from .models.sd import DiffusionModel
 from .param import ddim_step
 
 
-@torch.no_grad()
-def ddim_rollout(
-    model: DiffusionModel, f: BoundDenoiser, x: Tensor, t: Tensor, steps: int, stride: int
-) -> tuple[Tensor, Tensor]:
-    """``steps`` deterministic DDIM steps of ``stride`` timesteps from ``(x, t)``, clamped at 0.
+def grid_levels(grid: Tensor) -> Tensor:
+    """``[0, grid...]``: the level of position ``p`` is ``grid_levels(grid)[p + 1]``."""
+    return torch.cat([grid.new_zeros(1), grid])
 
-    Returns ``(x_t_end, t_end)``. A sample already at 0 stays where it is.
+
+def walk(
+    model: DiffusionModel,
+    f: BoundDenoiser,
+    x: Tensor,
+    pos: Tensor,
+    grid: Tensor,
+    calls: int,
+    final_step: bool = True,
+    grad_calls: int = 0,
+    etas: Tensor | None = None,
+    randn: Callable[[tuple[int, ...]], Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``calls`` network calls down ``grid`` from ``x`` at positions ``pos`` ``[B]``.
+
+    Each call is followed by a step one position down (a sample at level 0 stays where it is),
+    except the last when ``final_step`` is False. ``grad_calls``: the last calls that keep a graph
+    (if gradients are enabled at all). ``etas`` ``[calls, B]``: the noise weight of each step
+    (default 1: deterministic), with ``randn(shape)`` drawing the fresh noise.
+    Returns ``(x, t, x0)``: the state, its levels ``[B]``, and the last call's x0 estimate.
     """
-    for _ in range(steps):
-        if not bool((t > 0).any()):  # every sample already at 0: further steps change nothing
+    levels = grid_levels(grid.to(x.device))
+    t = levels[pos + 1]
+    x0 = x
+    for i in range(calls):
+        if final_step and not bool((t > 0).any()):  # every sample at level 0: steps change nothing
             break
-        t_next = (t - stride).clamp_min(0)
-        pred = f(x, t)
-        x0, eps = model.x0_of(pred, x, t), model.eps_of(pred, x, t)
-        a, s = model.coeffs(t_next, x)
-        x = torch.where((t_next < t).reshape(-1, *([1] * (x.ndim - 1))), ddim_step(x0, eps, a, s), x)
-        t = t_next
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= calls - grad_calls):
+            pred = f(x, t)
+            x0 = model.x0_of(pred, x, t)
+            if i + 1 == calls and not final_step:
+                break
+            eps = model.eps_of(pred, x, t)
+            pos = (pos - 1).clamp_min(-1)
+            t_next = levels[pos + 1]
+            a, s = model.coeffs(t_next, x)
+            if etas is None:
+                x_next = ddim_step(x0, eps, a, s)
+            else:
+                eta = etas[i].to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+                x_next = a * x0 + s * (eta * eps + (1.0 - eta**2).clamp_min(0).sqrt() * randn(tuple(x.shape)))
+            x = torch.where((t_next < t).reshape(-1, *([1] * (x.ndim - 1))), x_next, x)
+            t = t_next
+    return x, t, x0
+
+
+def ddim_rollout(
+    model: DiffusionModel, f: BoundDenoiser, x: Tensor, pos: Tensor, steps: int, grid: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``steps`` deterministic DDIM steps down ``grid`` from positions ``pos``, clamped at level 0
+    (Self-NPO's teacher rollout). Returns ``(x_t_end, t_end)``."""
+    x, t, _ = walk(model, f, x, pos, grid, steps)
     return x, t
+
+
+def top(grid: Tensor, n: int, device: torch.device | str) -> Tensor:
+    """Positions ``[n]`` at the grid's noisiest level."""
+    return torch.full((n,), len(grid) - 1, device=device, dtype=torch.long)
+
+
+def sample(
+    model: DiffusionModel,
+    f: BoundDenoiser,
+    noise: Tensor,
+    grid: Tensor,
+    grad_calls: int = 0,
+    calls: int | None = None,
+    etas: Tensor | None = None,
+    randn: Callable[[tuple[int, ...]], Tensor] | None = None,
+) -> Tensor:
+    """From ``noise`` at ``grid[-1]`` down the ascending ``grid``: the x0 estimate of the last call.
+
+    ``calls`` network calls (default all; fewer gives R0+'s intermediate estimate ``x0^(k)``);
+    gradients through the last ``grad_calls`` (DRaFT-K truncated backpropagation); ``etas`` /
+    ``randn``: R0's stochastic steps (eq. 3.2).
+    """
+    calls = calls or len(grid)
+    pos = top(grid, noise.shape[0], noise.device)
+    return walk(model, f, noise, pos, grid, calls, False, grad_calls, etas, randn)[2]
 
 
 @torch.no_grad()
 def ddim_sample(model: DiffusionModel, f: BoundDenoiser, noise: Tensor, grid: Tensor) -> Tensor:
     """Full deterministic DDIM from ``grid[-1]`` down the ascending ``grid`` to an x0 estimate."""
-    return ddim_sample_grad(model, f, noise, grid, grad_steps=0)
-
-
-def ddim_sample_grad(
-    model: DiffusionModel, f: BoundDenoiser, noise: Tensor, grid: Tensor, grad_steps: int
-) -> Tensor:
-    """:func:`ddim_sample` with gradients through the last ``grad_steps`` network calls only
-    (DRaFT-K truncated backpropagation); earlier steps run without a graph."""
-    x = noise
-    ts = grid.flip(0).tolist()
-    for i, t_cur in enumerate(ts):
-        with torch.set_grad_enabled(i >= len(ts) - grad_steps):
-            t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.long)
-            pred = f(x, t)
-            x0 = model.x0_of(pred, x, t)
-            if i + 1 == len(ts):
-                return x0
-            eps = model.eps_of(pred, x, t)
-            a, s = model.coeffs(torch.full_like(t, ts[i + 1]), x)
-            x = ddim_step(x0, eps, a, s)
-    return x
+    return sample(model, f, noise, grid)

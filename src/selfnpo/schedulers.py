@@ -2,7 +2,7 @@
 
 Generation reuses diffusers' schedulers; this module holds the one step the R0 paper changes, so
 that ``selfnpo generate --scheduler R0Scheduler`` (and any pipeline) can sample the way an R0
-generator was trained (:func:`selfnpo.objectives.r0.r0_sample` is the same step for training).
+generator was trained (:func:`selfnpo.sampling.sample` with ``etas`` is the same step for training).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ class R0Scheduler(DDIMScheduler):
     """diffusers' DDIM with R0's generator step (eq. 3.2) at a fixed ``r0_eta`` (1 = DDIM).
 
     ``x_prev = alpha_prev * x0 + sigma_prev * (eta * eps + sqrt(1 - eta^2) * noise)``, and the last
-    step returns the Tweedie estimate itself (R0's ``sigma_0 = 0``), as :func:`r0_sample` does.
+    step returns the Tweedie estimate itself (R0's ``sigma_0 = 0``), as :func:`selfnpo.sampling.sample` does.
     Set ``scheduler.r0_eta`` after :meth:`from_config`.
     """
 

@@ -53,11 +53,6 @@ def ddim_grid(num_steps: int, num_train_timesteps: int = 1000) -> Tensor:
     return (torch.arange(1, num_steps + 1, dtype=torch.float64) * stride).round().long() - 1
 
 
-def grid_stride(num_steps: int, num_train_timesteps: int = 1000) -> int:
-    """Timesteps between two neighbours of :func:`ddim_grid` (40 for 25 of 1000)."""
-    return num_train_timesteps // num_steps
-
-
 def expand_like(c: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample coefficient ``[B]`` to broadcast against ``x`` ``[B, ...]``."""
     return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))

@@ -13,10 +13,8 @@ import torch
 from torch import Tensor
 
 from ..conditioning import Cond
-from ..guidance import BoundDenoiser, cfg
+from ..guidance import BoundDenoiser, Predict, guided
 from ..models.sd import DiffusionModel
-
-Predict = Callable[[Tensor, Tensor, Cond], Tensor]
 
 
 @dataclass
@@ -77,16 +75,8 @@ class StepContext:
 
     def guided_teacher(self, cond: Cond, w: float) -> BoundDenoiser:
         """Teacher under paper guidance weight ``w`` (``w = -1``: unconditional only)."""
-        unc = self.model.uncond(len(cond))
-
-        def pos(x: Tensor, t: Tensor) -> Tensor:
-            return self.teacher(x, t, cond)
-
-        def neg(x: Tensor, t: Tensor) -> Tensor:
-            return self.teacher(x, t, unc)
-
         always = bool(getattr(self.config, "authors_cond_pass", False))
-        return cfg(pos, neg, w + 1.0, always_both=always)
+        return guided(self.teacher, cond, self.model.uncond(len(cond)), w + 1.0, always_both=always)
 
 
 Objective = Callable[[StepContext, Batch], Tensor]

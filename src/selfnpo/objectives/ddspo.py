@@ -31,7 +31,7 @@ from ..conditioning import Cond
 from ..degrade import Degrader, degrade_prompt, get_degrader
 from ..errors import SelfNPOError
 from ..options import opt
-from ..param import target_for
+from ..param import forward_noise, target_for
 from ..sampling import ddim_sample
 from ..schedules import ddim_grid
 from .base import Batch, StepContext, mse, register, uniform_int
@@ -127,7 +127,7 @@ def ddspo_objective(
             (batch.x0_l, None) if batch.x0_l is not None and noise_targets else _losers(ctx, batch, x_w)
         )
     a, s = m.coeffs(t, x_w)
-    x_tw, x_tl = a * x_w + s * eps, a * x_l + s * eps
+    x_tw, x_tl = forward_noise(x_w, eps, a, s), forward_noise(x_l, eps, a, s)
     x_t, tt, cond = torch.cat([x_tw, x_tl]), torch.cat([t, t]), Cond.cat([batch.cond, batch.cond])
     pred = ctx.student(x_t, tt, cond)
     with torch.no_grad():

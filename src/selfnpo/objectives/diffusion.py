@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..errors import SelfNPOError
 from ..options import opt
+from ..param import forward_noise
 from .base import Batch, StepContext, mse, register, uniform_int
 
 
@@ -36,7 +37,7 @@ def diffusion(ctx: StepContext, batch: Batch) -> Tensor:
     t = uniform_int(ctx, zero, m.schedule.t_max)
     eps = ctx.randn(tuple(x0.shape))
     a, s = m.coeffs(t, x0)
-    x_t = a * x0 + s * eps
+    x_t = forward_noise(x0, eps, a, s)
     loss = mse(ctx.student(x_t, t, batch.cond), m.schedule.target(x0, eps, t))
     gamma = getattr(ctx.config, "snr_gamma", 0.0)
     w = min_snr_weight(a.flatten(), s.flatten(), gamma, m.schedule.prediction_type) if gamma > 0 else None

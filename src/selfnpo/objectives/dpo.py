@@ -24,7 +24,7 @@ from torch import Tensor
 from ..conditioning import Cond
 from ..errors import SelfNPOError
 from ..options import opt
-from ..param import target_for
+from ..param import forward_noise, target_for
 from .base import Batch, StepContext, mse, register, uniform_int
 
 CONVENTIONS = ("original", "diffusers")
@@ -59,7 +59,7 @@ def _dpo(ctx: StepContext, batch: Batch, reverse: bool) -> Tensor:
     t = uniform_int(ctx, zero, m.schedule.t_max)
     eps = ctx.randn(tuple(x_w.shape))  # one noise and one t per pair, shared by winner and loser
     a, s = m.coeffs(t, x_w)
-    x_t = torch.cat([a * x_w + s * eps, a * x_l + s * eps])
+    x_t = torch.cat([forward_noise(x_w, eps, a, s), forward_noise(x_l, eps, a, s)])
     tt, cond = torch.cat([t, t]), Cond.cat([batch.cond, batch.cond])
     target = torch.cat(
         [target_for(x_w, eps, a, s, m.prediction_type), target_for(x_l, eps, a, s, m.prediction_type)]

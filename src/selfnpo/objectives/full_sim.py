@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..param import forward_noise
 from ..sampling import ddim_sample
 from ..schedules import ddim_grid
 from .base import Batch, StepContext, register, regression_loss, uniform_int
@@ -23,6 +24,6 @@ def full_sim(ctx: StepContext, batch: Batch) -> Tensor:
     zero = torch.zeros(shape[0], dtype=torch.long, device=x0.device)
     t = uniform_int(ctx, zero, m.schedule.t_max)
     a, s = m.coeffs(t, x0)
-    x_t = a * x0 + s * ctx.randn(shape)
+    x_t = forward_noise(x0, ctx.randn(shape), a, s)
     x0_pred = m.x0_of(ctx.student(x_t, t, batch.cond), x_t, t)
     return regression_loss(x0_pred, x0, cfg.loss, cfg.huber_c)

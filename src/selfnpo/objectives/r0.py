@@ -22,17 +22,18 @@ without gradient and the rewards score the Tweedie estimate of the ``k``-th netw
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import SelfNPOError
-from ..guidance import BoundDenoiser
-from ..models.sd import DiffusionModel
+from ..guidance import guided
 from ..options import opt
+from ..param import forward_noise
 from ..rewards import Reward, get_reward
+from ..sampling import sample
 from ..schedules import ddim_grid
 from .base import Batch, StepContext, register, uniform_int
 from .reward import RewardConfig
@@ -87,40 +88,6 @@ def ascent_surrogate(x: Tensor, direction: Tensor) -> Tensor:
     return -(x * direction.detach()).flatten(1).sum(1)
 
 
-def r0_sample(
-    model: DiffusionModel,
-    f: BoundDenoiser,
-    z: Tensor,
-    grid: Tensor,
-    etas: Tensor,
-    randn: Callable[[tuple[int, ...]], Tensor],
-    calls: int | None = None,
-    grad_calls: int | None = None,
-) -> Tensor:
-    """The generator of eq. 3.2 from ``z`` at ``grid[-1]`` down the ascending ``grid``.
-
-    ``etas`` ``[K, B]`` (row ``k`` for the step after the ``k``-th call); ``calls`` network calls
-    (default all ``K``; fewer gives R0+'s intermediate estimate ``x0^(k)``); gradients through the
-    last ``grad_calls`` of them (default all).
-    """
-    ts = grid.flip(0).tolist()
-    calls = calls or len(ts)
-    grad_calls = calls if grad_calls is None else grad_calls
-    x = z
-    for i in range(calls):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= calls - grad_calls):
-            t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
-            pred = f(x, t)
-            x0 = model.x0_of(pred, x, t)
-            if i + 1 == calls:
-                return x0
-            eps, noise = model.eps_of(pred, x, t), randn(tuple(x.shape))
-            a, s = model.coeffs(torch.full_like(t, ts[i + 1]), x)
-            eta = etas[i].to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-            x = a * x0 + s * (eta * eps + (1.0 - eta**2).clamp_min(0).sqrt() * noise)
-    return x
-
-
 @functools.lru_cache(maxsize=8)
 def _named_reward(name: str, device: str) -> Reward:
     return get_reward(name, device)
@@ -144,7 +111,7 @@ def cfg_reward_grad(ctx: StepContext, batch: Batch, x: Tensor) -> Tensor:
     low = torch.full((n,), int(CFG_T_LOW * T), dtype=torch.long, device=x.device)
     t = uniform_int(ctx, low, int(CFG_T_HIGH * T))
     a, s = m.coeffs(t, x)
-    x_t = a * x + s * ctx.randn(tuple(x.shape))
+    x_t = forward_noise(x, ctx.randn(tuple(x.shape)), a, s)
     unc = m.uncond(n).to(x.device)
     eps_c = m.eps_of(ctx.teacher(x_t, t, batch.cond), x_t, t)
     eps_u = m.eps_of(ctx.teacher(x_t, t, unc), x_t, t)
@@ -186,10 +153,8 @@ def _generate(ctx: StepContext, batch: Batch, plus: bool) -> Tensor:
         etas = ctx.rand(K * n).reshape(K, n).float()
     calls = int(ctx.rand_shared(1).item() * K) + 1 if plus else K
 
-    def f(x: Tensor, t: Tensor) -> Tensor:
-        return ctx.student(x, t, batch.cond)
-
-    return r0_sample(m, f, z, grid, etas, ctx.randn, calls=calls, grad_calls=1 if plus else None)
+    f = guided(ctx.student, batch.cond)  # the conditional student alone (R0 trains without CFG)
+    return sample(m, f, z, grid, grad_calls=1 if plus else calls, calls=calls, etas=etas, randn=ctx.randn)
 
 
 @dataclass

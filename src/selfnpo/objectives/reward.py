@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..errors import SelfNPOError
-from ..guidance import cfg as guided
+from ..guidance import guided
 from ..options import opt
 from ..rewards import npo_reward
-from ..sampling import ddim_sample_grad
+from ..sampling import sample
 from ..schedules import ddim_grid
 from .base import Batch, StepContext, register
 
@@ -26,18 +26,11 @@ def sample_with_grad(ctx: StepContext, batch: Batch) -> Tensor:
     """Decoded images ``[B, 3, H, W]`` of the student's guided DDIM rollout, differentiable in
     the student's weights through the last ``reward_grad_steps`` steps."""
     c, m = ctx.config, ctx.model
-    cond, unc = batch.cond, m.uncond(len(batch.cond)).to(batch.cond.embeds.device)
-
-    def pos(x: Tensor, t: Tensor) -> Tensor:
-        return ctx.student(x, t, cond)
-
-    def neg(x: Tensor, t: Tensor) -> Tensor:
-        return ctx.student(x, t, unc)
-
-    f = guided(pos, neg, c.reward_guidance)
+    unc = m.uncond(len(batch.cond)).to(batch.cond.embeds.device)
+    f = guided(ctx.student, batch.cond, unc, c.reward_guidance)
     noise = ctx.randn(m.latent_shape(len(batch.prompts), c.resolution))
     grid = ddim_grid(c.reward_steps, m.num_train_timesteps).to(noise.device)
-    x0 = ddim_sample_grad(m, f, noise, grid, c.reward_grad_steps)
+    x0 = sample(m, f, noise, grid, grad_calls=c.reward_grad_steps)
     return m.decode_latents_grad(x0)
 
 

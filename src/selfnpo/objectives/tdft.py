@@ -9,24 +9,23 @@ from torch import Tensor
 
 from ..errors import SelfNPOError
 from ..options import opt
-from ..param import renoise
-from ..sampling import ddim_rollout
-from ..schedules import ddim_grid, grid_stride
+from ..param import forward_noise, renoise
+from ..sampling import ddim_rollout, top
+from ..schedules import ddim_grid
 from .base import Batch, StepContext, register, regression_loss, uniform_int
 
 
-def start_state(ctx: StepContext, batch: Batch, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """``(x_{t'}, t')``: data noised to a grid level (eq. 14), or pure noise at ``T`` (eq. 13)."""
-    cfg, m = ctx.config, ctx.model
+def start_state(
+    ctx: StepContext, batch: Batch, grid: Tensor, shape: tuple[int, ...]
+) -> tuple[Tensor, Tensor]:
+    """``(x_{t'}, p')``: data noised to a uniformly drawn position ``p'`` of ``grid`` (level
+    ``t' = grid[p']``, eq. 14), or pure noise at its top level ``T - 1`` (eq. 13)."""
     dev = ctx.generator.device
     if batch.x0 is None:
-        t_top = torch.full((shape[0],), m.schedule.t_max, device=dev, dtype=torch.long)
-        return ctx.randn(shape), t_top
-    grid = ddim_grid(cfg.grid_steps, m.num_train_timesteps).to(dev)
+        return ctx.randn(shape), top(grid, shape[0], dev)
     idx = (ctx.rand(shape[0]).to(dev) * len(grid)).floor().long().clamp(max=len(grid) - 1)
-    t_prime = grid[idx]
-    a, s = m.coeffs(t_prime, batch.x0)
-    return a * batch.x0 + s * ctx.randn(shape), t_prime
+    a, s = ctx.model.coeffs(grid[idx], batch.x0)
+    return forward_noise(batch.x0, ctx.randn(shape), a, s), idx
 
 
 @dataclass
@@ -66,10 +65,10 @@ def tdft(ctx: StepContext, batch: Batch) -> Tensor:
     """
     cfg, m = ctx.config, ctx.model
     shape = m.latent_shape(len(batch.prompts), cfg.resolution)
-    x_tp, t_prime = start_state(ctx, batch, shape)
+    grid = ddim_grid(cfg.grid_steps, m.num_train_timesteps).to(ctx.generator.device)
+    x_tp, p_prime = start_state(ctx, batch, grid, shape)
     f = ctx.guided_teacher(batch.cond, cfg.rollout_guidance)
-    stride = grid_stride(cfg.grid_steps, m.num_train_timesteps)
-    x_t, t = ddim_rollout(m, f, x_tp, t_prime, cfg.k_steps, stride)
+    x_t, t = ddim_rollout(m, f, x_tp, p_prime, cfg.k_steps, grid)
     with torch.no_grad():
         target = m.x0_of(f(x_t, t), x_t, t)
     s = uniform_int(ctx, t + 1, m.schedule.t_max)

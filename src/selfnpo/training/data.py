@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..errors import SelfNPOError
-from ..guidance import cfg as cfg_combine
+from ..guidance import guided
 from ..io import atomic_path
 from ..models.sd import DiffusionModel
 from ..sampling import ddim_sample
@@ -94,15 +94,8 @@ def sample_latents(
 ) -> Tensor:
     """Clean latents of ``prompts`` from ``noise``: DDIM over ``grid`` with guidance ``g``,
     ``predict`` in both branches (conditional and unconditional)."""
-    c, u = model.encode(prompts), model.uncond(len(prompts))
-
-    def pos(x, t):
-        return predict(x, t, c)
-
-    def neg(x, t):
-        return predict(x, t, u)
-
-    return ddim_sample(model, cfg_combine(pos, neg, g), noise, grid)
+    f = guided(predict, model.encode(prompts), model.uncond(len(prompts)), g)
+    return ddim_sample(model, f, noise, grid)
 
 
 @torch.no_grad()
