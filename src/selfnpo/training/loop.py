@@ -284,7 +284,8 @@ def _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run)
         total = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
     if cfg.max_grad_norm > 0:
         norm = acc.clip_grad_norm_(offset.params, cfg.max_grad_norm)
-        if not torch.isfinite(torch.as_tensor(norm)):
+        # with fp16 loss scaling an overflow is routine: the scaler skips the step and lowers its scale
+        if acc.scaler is None and not torch.isfinite(torch.as_tensor(norm)):
             return _nonfinite(cfg, opt, step, run, "gradient")
     opt.step()
     opt.zero_grad(set_to_none=True)
