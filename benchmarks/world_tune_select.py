@@ -37,6 +37,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+PEERS = ("autoguidance",)
+
+
 def select(rows: list[dict], g: float) -> tuple[str, float] | None:
     """The rule's pick ``(config, beta)`` at guidance scale ``g`` (None if no candidate is eligible)."""
     eligible = [
@@ -59,7 +62,9 @@ def main() -> None:
     rows = [r for c in results.values() for r in c["rows"]]
     print(table(rows))
     if a.split == "validation":
-        print(f"\npick at g = {a.g:g}: {select(rows, a.g)}")
+        # peers (autoguidance) are measured beside the offsets but are not candidates of the rule
+        candidates = [r for r in rows if r["config"] not in PEERS]
+        print(f"\npick at g = {a.g:g}: {select(candidates, a.g)}")
 
 
 if __name__ == "__main__":
