@@ -13,7 +13,6 @@ split; see benchmarks/world_tune.py).
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import SelfNPOError
-from .io import atomic_write_text, claim_output_dir
+from .io import atomic_write_text, prepare_output
 from .training.config import opt
 
 
@@ -163,11 +162,15 @@ def _prepare(cfg: DemoConfig) -> Path:
     resolve_model_class(cfg.model or str(shipped_model_dir()))  # before an old report is replaced
     out = Path(cfg.output)
     legacy = lambda o: (o / "demo_config.json").is_file()  # noqa: E731 - folders of earlier versions
-    claim_output_dir(out, "demo", overwrite=cfg.overwrite, legacy=legacy, flag="--output")
-    try:
-        atomic_write_text(out / "demo_config.json", json.dumps(asdict(cfg), indent=2))
-    except OSError as e:
-        raise SelfNPOError(f"{out}: cannot write ({e.strerror})") from None
+    prepare_output(
+        out,
+        "demo",
+        asdict(cfg),
+        config_file="demo_config.json",
+        overwrite=cfg.overwrite,
+        legacy=legacy,
+        flag="--output",
+    )
     return out
 
 

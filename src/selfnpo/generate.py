@@ -12,7 +12,7 @@ with ``--resume`` skips the images that exist.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,13 +21,12 @@ from .errors import SelfNPOError
 from .io import (
     atomic_path,
     atomic_write_text,
-    claim_output_dir,
     lock_dir,
+    prepare_output,
     read_prompts,
-    remove_stale_temps,
     removed_on_failure,
 )
-from .training.config import MAX_SEED, check_finite, opt, with_defaults
+from .training.config import MAX_SEED, check_finite, opt
 
 SCHEDULERS = (
     "DDIMScheduler",
@@ -149,49 +148,23 @@ def _offset_hashes(cfg: GenerateConfig) -> dict[str, str]:
     }
 
 
-def _differing_setting(saved: dict, mine: dict) -> str | None:
-    import os
-
-    for k, v in mine.items():
-        old = saved.get(k)
-        if k.endswith("_sha256") and old is None:
-            continue  # written before hashes were recorded
-        if k in _PATHS and isinstance(old, str) and isinstance(v, str) and old and v:
-            if os.path.realpath(old) == os.path.realpath(v):
-                continue
-        if old != v:
-            if k.endswith("_sha256"):
-                return f"the file --{k[:-7].replace('_', '-')} changed since these images were made"
-            return f"--{k.replace('_', '-')} was {old!r}, now {v!r}"
-    return None
-
-
 def _prepare_output(cfg: GenerateConfig, hashes: dict[str, str] | None = None) -> tuple[Path, bool]:
     """The output folder (created, or checked for ``--resume``) and whether it is resumed."""
     out = Path(cfg.output_dir)
-    manifest = out / "generate_config.json"
     mine = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED}
     mine.update(hashes or {})
-    resuming = claim_output_dir(
-        out, "generate", overwrite=cfg.overwrite, resume=cfg.resume, legacy=_legacy_output
+    defaults = {f.name: f.default for f in fields(GenerateConfig) if f.name != "batch_size"}
+    resuming = prepare_output(
+        out,
+        "generate",
+        mine,
+        config_file="generate_config.json",
+        paths=_PATHS,
+        defaults=defaults,  # batch_size and offset hashes, not recorded by earlier versions: trusted
+        overwrite=cfg.overwrite,
+        resume=cfg.resume,
+        legacy=_legacy_output,
     )
-    if resuming and manifest.is_file():
-        try:
-            raw = json.loads(manifest.read_text(encoding="utf-8"))
-            saved = with_defaults(GenerateConfig, raw)
-        except (ValueError, UnicodeDecodeError, TypeError) as e:
-            raise SelfNPOError(f"{manifest}: damaged, cannot resume ({e})") from None
-        if "batch_size" not in raw:  # not recorded by earlier versions: trusted
-            saved["batch_size"] = cfg.batch_size
-        why = _differing_setting(saved, mine)
-        if why:
-            raise SelfNPOError(f"{out}: holds images of different settings ({why}); cannot resume")
-        remove_stale_temps(out)
-        return out, True
-    try:
-        atomic_write_text(manifest, json.dumps(mine, indent=2))
-    except OSError as e:
-        raise SelfNPOError(f"{out}: cannot write ({e.strerror})") from None
     return out, resuming
 
 

@@ -10,7 +10,6 @@ hyper-parameter figure. Generated images are kept, so ``--resume`` skips finishe
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SelfNPOError
-from .io import atomic_path, atomic_write_text, claim_output_dir, lock_dir, removed_on_failure
+from .io import atomic_path, lock_dir, prepare_output, removed_on_failure
 from .training.config import opt
 
 METRICS = (  # key, label, higher is better
@@ -117,35 +116,21 @@ def _legacy_sweep(out: Path) -> bool:
 
 
 def _prepare(cfg: SweepConfig) -> tuple[Path, bool]:
-    import os
-
     out = Path(cfg.output)
-    mine = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
-    resuming = claim_output_dir(
-        out, "sweep", overwrite=cfg.overwrite, resume=cfg.resume, legacy=_legacy_sweep, flag="--output"
+    resuming = prepare_output(
+        out,
+        "sweep",
+        {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY},
+        config_file=_MANIFEST,
+        paths=("output", "model", "negative", "positive"),
+        defaults=SweepConfig,
+        overwrite=cfg.overwrite,
+        resume=cfg.resume,
+        legacy=_legacy_sweep,
+        flag="--output",
     )
-    if resuming and (out / _MANIFEST).is_file():
-        try:
-            saved = json.loads((out / _MANIFEST).read_text(encoding="utf-8"))
-            if not isinstance(saved, dict):
-                raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SelfNPOError(f"{out / _MANIFEST}: damaged, cannot resume ({e})") from None
-        for k, v in mine.items():
-            old = saved.get(k)
-            if k in ("output", "model", "negative", "positive") and old and v and isinstance(old, str):
-                if os.path.realpath(old) == os.path.realpath(v):
-                    continue
-            if old != v:
-                raise SelfNPOError(
-                    f"{out}: holds a sweep with other settings (--{k.replace('_', '-')} was {old!r}, "
-                    f"now {v!r}); cannot resume it"
-                )
-        (out / "images").mkdir(exist_ok=True)
-        return out, True
     try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / _MANIFEST, json.dumps(mine, indent=2))
+        (out / "images").mkdir(exist_ok=True)
     except OSError as e:
         raise SelfNPOError(f"{out}: cannot write ({e.strerror})") from None
     return out, resuming

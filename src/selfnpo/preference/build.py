@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ..errors import SelfNPOError
-from ..io import atomic_dir, check_output_dir, check_writable_parent, read_prompts, write_marker
+from ..io import atomic_dir, prepare_output, read_prompts, write_marker
 from ..models import model_for
 from ..models.sd import DiffusionModel
 from ..schedules import ddim_grid
@@ -65,8 +65,7 @@ class PairsConfig:
 def _prepare(cfg: PairsConfig) -> Path:
     out = Path(cfg.output_dir)
     legacy = lambda o: (o / "pairs_meta.json").is_file()  # noqa: E731 - folders of earlier versions
-    check_output_dir(out, "pairs", overwrite=cfg.overwrite, legacy=legacy)
-    check_writable_parent(out)
+    prepare_output(out, "pairs", overwrite=cfg.overwrite, legacy=legacy)
     return out
 
 

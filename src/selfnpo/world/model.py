@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SelfNPOError
-from ..io import atomic_dir, atomic_write_text, claim_output_dir
+from ..io import atomic_dir, atomic_write_text, prepare_output
 from ..training.checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from ..training.config import opt
 from .captions import RELATIONS, CaptionLabels, caption, caption_with_labels
@@ -113,6 +113,19 @@ class PretrainConfig:
     resume: bool = opt(False, "continue an interrupted pretraining run")
     overwrite: bool = opt(False, "replace an existing run folder")
 
+    # settings that a resumed run may change (the rest must be as saved)
+    RESUMABLE_CHANGES = (
+        "output_dir",
+        "recipe",
+        "unet_steps",
+        "weak_steps",
+        "export",
+        "export_text_fp16",
+        "checkpoint_every",
+        "device",
+        "resume",
+        "overwrite",
+    )
     RECIPES = {
         "v2": {},
         "v3": {
@@ -376,38 +389,17 @@ def set_latent_scale(pipe, seed: int) -> float:
 
 def _prepare(cfg: PretrainConfig) -> Path:
     run = Path(cfg.output_dir)
-    marker = run / "pretrain_config.json"
-    legacy = lambda r: marker.is_file()  # noqa: E731 - run folders of earlier versions
-    if claim_output_dir(run, "pretrain", overwrite=cfg.overwrite, resume=cfg.resume, legacy=legacy):
-        if marker.is_file():
-            try:
-                saved = json.loads(marker.read_text())
-            except ValueError as e:
-                raise SelfNPOError(f"{marker}: damaged, cannot resume ({e})") from None
-            for k in (
-                "vae_steps",
-                "text_steps",
-                "text_batch_size",
-                "text_lr",
-                "vae_batch_size",
-                "batch_size",
-                "seed",
-                "vae_lr",
-                "unet_lr",
-                "caption_dropout",
-                "ema_decay",
-                "snr_gamma",
-                "unet_channels",
-                "vae_channels",
-                "vae_cosine",
-            ):
-                if saved.get(k, getattr(PretrainConfig, k)) != getattr(cfg, k):
-                    raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r}, now {getattr(cfg, k)!r}")
-            return run
-    try:
-        atomic_write_text(marker, json.dumps(asdict(cfg), indent=2))
-    except OSError as e:
-        raise SelfNPOError(f"{run}: cannot write the run folder ({e.strerror})") from None
+    prepare_output(
+        run,
+        "pretrain",
+        asdict(cfg),
+        config_file="pretrain_config.json",
+        may_change=PretrainConfig.RESUMABLE_CHANGES,
+        defaults=PretrainConfig,
+        overwrite=cfg.overwrite,
+        resume=cfg.resume,
+        legacy=lambda r: (r / "pretrain_config.json").is_file(),  # run folders of earlier versions
+    )
     return run
 
 
