@@ -138,7 +138,7 @@ def _prepare(cfg: SweepConfig) -> tuple[Path, bool]:
 
 def _setting_images(bench, npo, out: Path, a: float, b: float, g: float) -> np.ndarray:
     """uint8 images of one setting, generated once and kept in ``images/`` for ``--resume``."""
-    from .demo import generate_uint8
+    from .evaluation.bench import generate_uint8
 
     path = out / "images" / f"alpha{a!r}_beta{b!r}_g{g!r}.npy"  # repr: distinct values, distinct files
     if path.is_file():
@@ -255,7 +255,8 @@ def run_sweep(cfg: SweepConfig, progress=print) -> dict:
 
 
 def _run_sweep(cfg: SweepConfig, model: str, out: Path, progress, t0: float) -> dict:
-    from .demo import DemoConfig, EvalBench
+    from .demo import DemoConfig
+    from .evaluation.bench import EvalBench
     from .evaluation.world_eval import score_images
     from .models.loading import load_pipeline
     from .npo import NPOGuidance
