@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation.report import Grid, Plot, Report, Table, format_ci, format_number, write_report
+from .evaluation.page import Grid, Report, Table, write_report
+from .evaluation.plots import Plot, format_ci, format_number
 from .evaluation.world_eval import ATTRIBUTES
 
 # (key in a row's "paired" dict, label) of the differences plotted over steps and g.

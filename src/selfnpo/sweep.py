@@ -158,7 +158,7 @@ def _setting_images(bench, npo, out: Path, a: float, b: float, g: float) -> np.n
 
 def _heatmaps(cfg: SweepConfig, rows: list[dict]) -> tuple[list, dict]:
     """One heat map per metric and panel value, and the same numbers for metrics.json."""
-    from .evaluation.report import Heatmap, format_number
+    from .evaluation.plots import Heatmap, format_number
 
     r_ax, c_ax, p_ax = cfg.axes()
     names = {"alpha": "alphas", "beta": "betas", "guidance_scale": "guidance_scales"}
@@ -194,7 +194,8 @@ def _heatmaps(cfg: SweepConfig, rows: list[dict]) -> tuple[list, dict]:
 
 
 def _report(cfg: SweepConfig, bench, out: Path, rows: list[dict], extra: dict) -> None:
-    from .evaluation.report import Grid, Report, Table, format_ci, write_report
+    from .evaluation.page import Grid, Report, Table, write_report
+    from .evaluation.plots import format_ci
 
     maps, numbers = _heatmaps(cfg, rows)
     table = Table(
