@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-from selfnpo.demo import DemoConfig, EvalBench, train_to
+from selfnpo.demo import DemoConfig
+from selfnpo.evaluation.bench import EvalBench, train_to
 from selfnpo.io import atomic_write_text
 from selfnpo.models.loading import load_pipeline
 from selfnpo.world.classifier import load_classifier

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-from selfnpo.demo import DemoConfig, EvalBench, train_to
+from selfnpo.demo import DemoConfig
+from selfnpo.evaluation.bench import EvalBench, train_to
 from selfnpo.io import atomic_write_text
 from selfnpo.models.loading import load_pipeline
 from selfnpo.schedulers import R0Scheduler
@@ -39,7 +40,7 @@ def _fmt(ci: list[float]) -> str:
 
 
 def _train(cfg: DemoConfig, model: str, prompts: Path, run: Path, steps: int, pool, **kw):
-    """``selfnpo.demo.train_to`` from scratch, every pool-based run reusing one self-generated pool."""
+    """``selfnpo.evaluation.bench.train_to`` from scratch, every pool-based run reusing one self-generated pool."""
     return train_to(cfg, model, prompts, run, steps, source=pool, resume=False, overwrite=True, **kw)
 
 

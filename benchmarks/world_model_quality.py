@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 import torch
 
-from selfnpo.demo import generate_uint8
+from selfnpo.evaluation.bench import generate_uint8
 from selfnpo.models.loading import load_pipeline
 from selfnpo.world.captions import parse_caption
 from selfnpo.world.classifier import alignment, decode, images_to_tensor, load_classifier, reward

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-from selfnpo.demo import DemoConfig, EvalBench, train_to
-from selfnpo.evaluation.report import Grid, Report, Table, write_report
+from selfnpo.demo import DemoConfig
+from selfnpo.evaluation.bench import EvalBench, train_to
+from selfnpo.evaluation.page import Grid, Report, Table, write_report
 from selfnpo.io import atomic_write_text
 from selfnpo.models.loading import load_pipeline
 from selfnpo.preference.build import PairsConfig, build_pairs

@@ -286,7 +286,7 @@ def test_merge_cli_bad_input(case, tiny_sd, tiny_sdxl, sdxl_lora, tmp_path, caps
 
 # ---- heat maps and the sweep -----------------------------------------------------------------
 def test_heatmap_writes_numbers_and_escapes_labels():
-    from selfnpo.evaluation.report import Heatmap, svg_heatmap
+    from selfnpo.evaluation.plots import Heatmap, svg_heatmap
 
     hm = Heatmap("<b>t</b>", "beta & co", "g", ["0", "1"], ["3", "<5>"], [[0.25, float("nan")], [1.5, -2.0]])
     svg = svg_heatmap(hm)

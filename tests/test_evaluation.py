@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfnpo.evaluation import report as report_mod
-from selfnpo.evaluation.report import Grid, Plot, Report, Table, grid_image, svg_line_plot, write_report
+from selfnpo.evaluation import page, plots
+from selfnpo.evaluation.page import Grid, Report, Table, grid_image, write_report
+from selfnpo.evaluation.plots import Plot, svg_line_plot
 from selfnpo.evaluation.stats import (
     bootstrap_mean_ci,
     frechet_ci,
@@ -373,7 +374,7 @@ def test_metrics_json_round_trips_with_nan_as_null(tmp_path):
         "per_prompt": [1.0, 2.0],
     }
     with pytest.raises(TypeError):
-        report_mod.metrics_json({"x": object()})
+        page.metrics_json({"x": object()})
 
 
 def test_grid_png_has_expected_size(tmp_path):
@@ -419,5 +420,5 @@ def test_stale_grid_is_removed_and_bad_shapes_rejected(tmp_path):
         Grid("g", ["a"], ["b"], np.zeros((1, 1, 4, 4, 3), dtype=np.float32))
     with pytest.raises(ValueError):
         Table("t", ["a", "b"], [[1.0]])
-    assert math.isclose(float(report_mod.format_number(np.float64(0.123456))), 0.1235)
-    assert report_mod.format_number(float("nan")) == "n/a"
+    assert math.isclose(float(plots.format_number(np.float64(0.123456))), 0.1235)
+    assert plots.format_number(float("nan")) == "n/a"

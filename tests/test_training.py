@@ -338,7 +338,7 @@ def test_resume_accepts_a_run_written_before_a_setting_existed(tiny_sd, prompts_
     del saved["reward_guidance"]  # as if written by a version without this setting
     cfg_file.write_text(json.dumps(saved))
     assert train_tiny(tiny_sd, run, prompts_file, steps=2, resume=True).steps == 2
-    with pytest.raises(SelfNPOError, match="reward_guidance was 7.5 in this run, now 2.0"):
+    with pytest.raises(SelfNPOError, match="--reward-guidance was 7.5, now 2.0"):
         train_tiny(tiny_sd, run, prompts_file, steps=3, resume=True, reward_guidance=2.0)
 
 

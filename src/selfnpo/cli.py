@@ -58,7 +58,7 @@ def _cmd_generate(ns: argparse.Namespace) -> None:
 
 
 def _cmd_pretrain(ns: argparse.Namespace) -> None:
-    from .world.model import PretrainConfig, pretrain
+    from .world.pretrain import PretrainConfig, pretrain
 
     path = pretrain(config_from_args(PretrainConfig, ns), progress=not ns.quiet)
     print(f"world model written to {path}")
@@ -152,7 +152,7 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], None]]] = {
         _cmd_demo,
     ),
     "pretrain": (
-        "selfnpo.world.model:PretrainConfig",
+        "selfnpo.world.pretrain.config:PretrainConfig",
         "reproduce the embedded world model from scratch",
         _cmd_pretrain,
     ),

@@ -12,7 +12,7 @@ with ``--resume`` skips the images that exist.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,13 +21,12 @@ from .errors import SelfNPOError
 from .io import (
     atomic_path,
     atomic_write_text,
-    claim_output_dir,
     lock_dir,
+    prepare_output,
     read_prompts,
-    remove_stale_temps,
     removed_on_failure,
 )
-from .options import MAX_SEED, check_finite, opt, with_defaults
+from .options import MAX_SEED, check_finite, opt
 
 SCHEDULERS = (
     "DDIMScheduler",
@@ -149,49 +148,23 @@ def _offset_hashes(cfg: GenerateConfig) -> dict[str, str]:
     }
 
 
-def _differing_setting(saved: dict, mine: dict) -> str | None:
-    import os
-
-    for k, v in mine.items():
-        old = saved.get(k)
-        if k.endswith("_sha256") and old is None:
-            continue  # written before hashes were recorded
-        if k in _PATHS and isinstance(old, str) and isinstance(v, str) and old and v:
-            if os.path.realpath(old) == os.path.realpath(v):
-                continue
-        if old != v:
-            if k.endswith("_sha256"):
-                return f"the file --{k[:-7].replace('_', '-')} changed since these images were made"
-            return f"--{k.replace('_', '-')} was {old!r}, now {v!r}"
-    return None
-
-
 def _prepare_output(cfg: GenerateConfig, hashes: dict[str, str] | None = None) -> tuple[Path, bool]:
     """The output folder (created, or checked for ``--resume``) and whether it is resumed."""
     out = Path(cfg.output_dir)
-    manifest = out / "generate_config.json"
     mine = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED}
     mine.update(hashes or {})
-    resuming = claim_output_dir(
-        out, "generate", overwrite=cfg.overwrite, resume=cfg.resume, legacy=_legacy_output
+    defaults = {f.name: f.default for f in fields(GenerateConfig) if f.name != "batch_size"}
+    resuming = prepare_output(
+        out,
+        "generate",
+        mine,
+        config_file="generate_config.json",
+        paths=_PATHS,
+        defaults=defaults,  # batch_size and offset hashes, not recorded by earlier versions: trusted
+        overwrite=cfg.overwrite,
+        resume=cfg.resume,
+        legacy=_legacy_output,
     )
-    if resuming and manifest.is_file():
-        try:
-            raw = json.loads(manifest.read_text(encoding="utf-8"))
-            saved = with_defaults(GenerateConfig, raw)
-        except (ValueError, UnicodeDecodeError, TypeError) as e:
-            raise SelfNPOError(f"{manifest}: damaged, cannot resume ({e})") from None
-        if "batch_size" not in raw:  # not recorded by earlier versions: trusted
-            saved["batch_size"] = cfg.batch_size
-        why = _differing_setting(saved, mine)
-        if why:
-            raise SelfNPOError(f"{out}: holds images of different settings ({why}); cannot resume")
-        remove_stale_temps(out)
-        return out, True
-    try:
-        atomic_write_text(manifest, json.dumps(mine, indent=2))
-    except OSError as e:
-        raise SelfNPOError(f"{out}: cannot write ({e.strerror})") from None
     return out, resuming
 
 
@@ -266,7 +239,7 @@ def _generate(
     from .models import family
     from .models.loading import load_pipeline
     from .npo import NPOGuidance
-    from .video import FPS, video_format, write_video
+    from .video import FPS, video_format
 
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -295,6 +268,21 @@ def _generate(
     )
     fam = family(pipe)
     ext = video_format(cfg.video_format) if fam in FPS else "png"
+    jobs, todo, finished = _plan(cfg, prompts, out, ext)
+    done = len(jobs) - sum(len(c) for c in todo)
+    with npo, tqdm(total=len(jobs), initial=done, desc="generate", disable=not progress) as bar:
+        for chunk in todo:
+            images = _run_batch(pipe, cfg, fam, chunk, call_kwargs, video=ext != "png")
+            _save_outputs(chunk, images, out, finished, ext, cfg.fps or FPS.get(fam, 0))
+            bar.update(len(chunk))
+    atomic_write_text(out / "images.jsonl", "".join(json.dumps(j) + "\n" for j in jobs))
+    return jobs
+
+
+def _plan(
+    cfg: GenerateConfig, prompts: list[str], out: Path, ext: str
+) -> tuple[list[dict], list[list[dict]], set[str]]:
+    """Every output (index, prompt, seed, file), the batches still to run, the finished files."""
     n = cfg.num_images_per_prompt
     jobs = [
         {"index": i, "prompt": prompts[i // n], "seed": cfg.seed + i, "file": f"{i:05d}.{ext}"}
@@ -305,35 +293,33 @@ def _generate(
     chunks = [jobs[k : k + cfg.batch_size] for k in range(0, len(jobs), cfg.batch_size)]
     finished = {j["file"] for j in jobs if _finished(out / j["file"])}
     todo = [c for c in chunks if any(j["file"] not in finished for j in c)]
-    done = len(jobs) - sum(len(c) for c in todo)
+    return jobs, todo, finished
+
+
+def _run_batch(pipe, cfg: GenerateConfig, fam: str, chunk: list[dict], call_kwargs, video: bool) -> list:
+    """The images (or videos' frames) of one batch, image i from its own seed."""
+    gens = [torch.Generator(pipe.device).manual_seed(j["seed"]) for j in chunk]
+    kw = dict(negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None)
+    kw.update(_family_kwargs(cfg, fam, len(chunk)))
+    kw.update(call_kwargs(chunk) if call_kwargs else {})
     res = cfg.resolution or None
-    dev = pipe.device
-    with npo, tqdm(total=len(jobs), initial=done, desc="generate", disable=not progress) as bar:
-        for chunk in todo:
-            gens = [torch.Generator(dev).manual_seed(j["seed"]) for j in chunk]
-            kw = dict(negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None)
-            kw.update(_family_kwargs(cfg, fam, len(chunk)))
-            kw.update(call_kwargs(chunk) if call_kwargs else {})
-            result = pipe(
-                [j["prompt"] for j in chunk],
-                num_inference_steps=cfg.steps,
-                generator=gens,
-                height=res,
-                width=res,
-                **kw,
-            )
-            images = result.frames if ext != "png" else result.images
-            for j, im in zip(chunk, images, strict=True):
-                if j["file"] in finished:
-                    continue
-                if ext != "png":
-                    write_video(im, out / j["file"], cfg.fps or FPS[fam], ext)
-                    continue
-                with atomic_path(out / j["file"]) as tmp:
-                    im.save(tmp, format="PNG")
-            bar.update(len(chunk))
-    atomic_write_text(out / "images.jsonl", "".join(json.dumps(j) + "\n" for j in jobs))
-    return jobs
+    prompts = [j["prompt"] for j in chunk]
+    result = pipe(prompts, num_inference_steps=cfg.steps, generator=gens, height=res, width=res, **kw)
+    return result.frames if video else result.images
+
+
+def _save_outputs(chunk: list[dict], images: list, out: Path, finished: set[str], ext: str, fps: int) -> None:
+    """Write each output of a batch that is not finished yet, atomically."""
+    from .video import write_video
+
+    for j, im in zip(chunk, images, strict=True):
+        if j["file"] in finished:
+            continue
+        if ext != "png":
+            write_video(im, out / j["file"], fps, ext)
+            continue
+        with atomic_path(out / j["file"]) as tmp:
+            im.save(tmp, format="PNG")
 
 
 def _family_kwargs(cfg: GenerateConfig, fam: str, n: int) -> dict:

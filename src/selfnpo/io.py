@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from .errors import SelfNPOError
@@ -50,10 +52,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def remove_stale_temps(folder: str | Path) -> None:
-    """Delete temporaries (``.NAME.*.tmp``) that a killed writer left in ``folder``.
-
-    They are never read (a reader only sees renamed, complete files); this only reclaims space.
-    """
+    """Delete temporaries (``.NAME.*.tmp``, never read) that a killed writer left in ``folder``."""
     folder = Path(folder)
     if not folder.is_dir():
         return
@@ -132,10 +131,8 @@ def _in_use(folder: Path) -> bool:
 
 
 def lock_dir(folder: str | Path):
-    """Hold an exclusive lock on ``folder`` until the returned file is closed.
-
-    A second selfnpo process on the same folder fails at once instead of writing beside the first.
-    """
+    """Hold an exclusive lock on ``folder`` until the returned file is closed (a second selfnpo
+    process on the same folder fails at once instead of writing beside the first)."""
     import fcntl
 
     folder = Path(folder)
@@ -202,8 +199,7 @@ def claim_output_dir(
     """Create and mark ``path`` for a ``kind`` job; True when an existing folder is resumed.
 
     Applies :func:`check_output_dir`; with ``overwrite`` an existing selfnpo folder of this kind
-    is removed. Call it only after the new settings have been validated (config, prompts,
-    model class), so that a typo never costs the old folder.
+    is removed: call it only after the new settings are validated, so a typo never costs it.
     """
     path = Path(path)
     if check_output_dir(path, kind, overwrite=overwrite, resume=resume, legacy=legacy, flag=flag):
@@ -220,9 +216,89 @@ def claim_output_dir(
     return False
 
 
+def _saved_config(file: Path) -> dict:
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SelfNPOError(f"{file}: damaged, cannot resume ({e})") from None
+    return saved
+
+
+def resume_mismatch(
+    saved: dict,
+    config: dict,
+    may_change: Collection[str] = (),
+    paths: Collection[str] = (),
+    defaults: dict | None = None,
+) -> str | None:
+    """The one resume rule: which setting of ``config`` differs from the ``saved`` one, or None.
+
+    All but ``may_change`` must be as saved. One ``saved`` lacks (added later) counts as in
+    ``defaults``, else is trusted; ``paths`` compare as files; ``NAME_sha256`` hashes file NAME.
+    """
+    defaults = defaults or {}
+    for k, new in config.items():
+        if k in may_change or (k not in saved and k not in defaults):
+            continue
+        old = saved[k] if k in saved else defaults[k]
+        if k in paths and isinstance(old, str) and isinstance(new, str) and old and new:
+            if os.path.realpath(old) == os.path.realpath(new):
+                continue
+        if old != new:
+            if k.endswith("_sha256"):
+                name = k[: -len("_sha256")]
+                return f"{name} (the file --{name.replace('_', '-')} changed since the folder was made)"
+            return f"{k} (--{k.replace('_', '-')} was {old!r}, now {new!r})"
+    return None
+
+
+def prepare_output(
+    path: str | Path,
+    kind: str,
+    config: dict | None = None,
+    *,
+    config_file: str = "",
+    may_change: Collection[str] = (),
+    paths: Collection[str] = (),
+    defaults: type | dict | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    legacy: Callable[[Path], bool] | None = None,
+    flag: str = "--output-dir",
+) -> bool:
+    """Prepare the output folder of every command; True when an existing folder is resumed.
+
+    Folders follow :func:`check_output_dir`. Without ``config_file`` the job writes its folder
+    whole at the end (:func:`atomic_dir`) and it is only checked; else it is claimed and
+    ``config`` saved there, and a resume must pass :func:`resume_mismatch` (``defaults``: a
+    dataclass or dict) or fails with a one-line error naming the setting.
+    """
+    path = Path(path)
+    if not config_file:
+        check_output_dir(path, kind, overwrite=overwrite, legacy=legacy, flag=flag)
+        check_writable_parent(path, flag)
+        return False
+    resuming = claim_output_dir(path, kind, overwrite=overwrite, resume=resume, legacy=legacy, flag=flag)
+    file = path / config_file
+    if resuming and file.is_file():
+        if isinstance(defaults, type):
+            defaults = {f.name: f.default for f in dataclasses.fields(defaults)}
+        why = resume_mismatch(_saved_config(file), config or {}, may_change, paths, defaults)
+        if why:
+            raise SelfNPOError(f"{path}: cannot resume: {why}; the folder holds different settings")
+        remove_stale_temps(path)
+        return True
+    try:
+        atomic_write_text(file, json.dumps(config or {}, indent=2))
+    except OSError as e:
+        raise SelfNPOError(f"{path}: cannot write the output folder ({e.strerror})") from None
+    return resuming
+
+
 def check_writable_parent(path: str | Path, flag: str = "--output-dir") -> None:
-    """Refuse, before any work, an output ``path`` whose nearest existing parent is not a
-    writable folder."""
+    """Refuse, before any work, an output ``path`` whose nearest existing parent is unwritable."""
     parent = Path(path).absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -280,8 +356,6 @@ def read_prompts(path: str | Path) -> list[str]:
     matched in any case (``.TSV``, ``.JSONL``). Raises :class:`SelfNPOError` naming the file (and
     line) for missing, unreadable, non-UTF-8, oversized, malformed or empty files.
     """
-    import json
-
     p = Path(path)
     text = _read_prompt_text(p)
     lines = [ln.strip() for ln in text.splitlines()]

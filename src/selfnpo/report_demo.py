@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation.report import Grid, Plot, Report, Table, format_ci, format_number, write_report
+from .evaluation.page import Grid, Report, Table, write_report
+from .evaluation.plots import Plot, format_ci, format_number
 from .evaluation.world_eval import ATTRIBUTES
 
 # (key in a row's "paired" dict, label) of the differences plotted over steps and g.
@@ -164,7 +165,8 @@ SHIPPED_TEST_RESULT = (
 )
 
 
-def write_demo_report(out: Path, m: dict, bench) -> dict[str, Path]:
+def _sample_grid(m: dict, bench) -> Grid:
+    """Up to 8 prompts: the base and (when kept) the final Self-NPO offset, at the same seeds."""
     cfg = m["config"]
     g, b = cfg["default_guidance"], cfg.get("default_beta", 1.0)
     n = min(8, len(bench.prompts))
@@ -175,12 +177,17 @@ def write_demo_report(out: Path, m: dict, bench) -> dict[str, Path]:
         if final in bench.images
         else [bench.images[base_key][:n]]
     )
-    grid = Grid(
+    return Grid(
         f"{m['split']} prompts, g={g:g}: base | Self-NPO (beta={b:g}), same seeds",
         bench.prompts[:n],
         ["base", "Self-NPO"][: len(cols)],
         np.stack(cols, axis=1),
     )
+
+
+def _paragraphs(m: dict, bench) -> list[str]:
+    """The verdicts, then how the numbers were made."""
+    cfg = m["config"]
     cost = m["training"]
     n_eval = len(bench.prompts)
     paragraphs = [
@@ -210,12 +217,17 @@ def write_demo_report(out: Path, m: dict, bench) -> dict[str, Path]:
         paragraphs.insert(
             0, "QUICK RUN: a smoke test with a handful of steps and prompts; the numbers mean nothing."
         )
+    return paragraphs
+
+
+def write_demo_report(out: Path, m: dict, bench) -> dict[str, Path]:
+    """The demo's report.html, metrics.json and grid.png in ``out``."""
     report = Report(
         "selfnpo demo: Self-NPO on the embedded world model",
-        paragraphs,
+        _paragraphs(m, bench),
         [_paired_table(m), _attribute_table(m), _level_table(m)],
         _curve_plots(m) + _scale_plots(m),
-        [grid],
+        [_sample_grid(m, bench)],
         metrics=m,
     )
     return write_report(report, out)

@@ -10,7 +10,6 @@ hyper-parameter figure. Generated images are kept, so ``--resume`` skips finishe
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SelfNPOError
-from .io import atomic_path, atomic_write_text, claim_output_dir, lock_dir, removed_on_failure
+from .io import atomic_path, lock_dir, prepare_output, removed_on_failure
 from .options import opt
 
 METRICS = (  # key, label, higher is better
@@ -117,35 +116,21 @@ def _legacy_sweep(out: Path) -> bool:
 
 
 def _prepare(cfg: SweepConfig) -> tuple[Path, bool]:
-    import os
-
     out = Path(cfg.output)
-    mine = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
-    resuming = claim_output_dir(
-        out, "sweep", overwrite=cfg.overwrite, resume=cfg.resume, legacy=_legacy_sweep, flag="--output"
+    resuming = prepare_output(
+        out,
+        "sweep",
+        {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY},
+        config_file=_MANIFEST,
+        paths=("output", "model", "negative", "positive"),
+        defaults=SweepConfig,
+        overwrite=cfg.overwrite,
+        resume=cfg.resume,
+        legacy=_legacy_sweep,
+        flag="--output",
     )
-    if resuming and (out / _MANIFEST).is_file():
-        try:
-            saved = json.loads((out / _MANIFEST).read_text(encoding="utf-8"))
-            if not isinstance(saved, dict):
-                raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SelfNPOError(f"{out / _MANIFEST}: damaged, cannot resume ({e})") from None
-        for k, v in mine.items():
-            old = saved.get(k)
-            if k in ("output", "model", "negative", "positive") and old and v and isinstance(old, str):
-                if os.path.realpath(old) == os.path.realpath(v):
-                    continue
-            if old != v:
-                raise SelfNPOError(
-                    f"{out}: holds a sweep with other settings (--{k.replace('_', '-')} was {old!r}, "
-                    f"now {v!r}); cannot resume it"
-                )
-        (out / "images").mkdir(exist_ok=True)
-        return out, True
     try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / _MANIFEST, json.dumps(mine, indent=2))
+        (out / "images").mkdir(exist_ok=True)
     except OSError as e:
         raise SelfNPOError(f"{out}: cannot write ({e.strerror})") from None
     return out, resuming
@@ -153,7 +138,7 @@ def _prepare(cfg: SweepConfig) -> tuple[Path, bool]:
 
 def _setting_images(bench, npo, out: Path, a: float, b: float, g: float) -> np.ndarray:
     """uint8 images of one setting, generated once and kept in ``images/`` for ``--resume``."""
-    from .demo import generate_uint8
+    from .evaluation.bench import generate_uint8
 
     path = out / "images" / f"alpha{a!r}_beta{b!r}_g{g!r}.npy"  # repr: distinct values, distinct files
     if path.is_file():
@@ -173,7 +158,7 @@ def _setting_images(bench, npo, out: Path, a: float, b: float, g: float) -> np.n
 
 def _heatmaps(cfg: SweepConfig, rows: list[dict]) -> tuple[list, dict]:
     """One heat map per metric and panel value, and the same numbers for metrics.json."""
-    from .evaluation.report import Heatmap, format_number
+    from .evaluation.plots import Heatmap, format_number
 
     r_ax, c_ax, p_ax = cfg.axes()
     names = {"alpha": "alphas", "beta": "betas", "guidance_scale": "guidance_scales"}
@@ -209,7 +194,8 @@ def _heatmaps(cfg: SweepConfig, rows: list[dict]) -> tuple[list, dict]:
 
 
 def _report(cfg: SweepConfig, bench, out: Path, rows: list[dict], extra: dict) -> None:
-    from .evaluation.report import Grid, Report, Table, format_ci, write_report
+    from .evaluation.page import Grid, Report, Table, write_report
+    from .evaluation.plots import format_ci
 
     maps, numbers = _heatmaps(cfg, rows)
     table = Table(
@@ -270,7 +256,8 @@ def run_sweep(cfg: SweepConfig, progress=print) -> dict:
 
 
 def _run_sweep(cfg: SweepConfig, model: str, out: Path, progress, t0: float) -> dict:
-    from .demo import DemoConfig, EvalBench
+    from .demo import DemoConfig
+    from .evaluation.bench import EvalBench
     from .evaluation.world_eval import score_images
     from .models.loading import load_pipeline
     from .npo import NPOGuidance

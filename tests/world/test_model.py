@@ -13,15 +13,9 @@ from transformers import CLIPTokenizer
 from selfnpo import cli
 from selfnpo.errors import SelfNPOError
 from selfnpo.world.captions import caption_with_labels
-from selfnpo.world.model import (
-    LABEL_SLOTS,
-    LabelReadout,
-    PretrainConfig,
-    caption_batch,
-    label_targets,
-    pretrain,
-    shipped_model_dir,
-)
+from selfnpo.world.model import shipped_model_dir
+from selfnpo.world.pretrain import PretrainConfig, pretrain
+from selfnpo.world.pretrain.text import LABEL_SLOTS, LabelReadout, caption_batch, label_targets
 from selfnpo.world.render import sample_scene
 
 
@@ -159,7 +153,7 @@ def test_export_with_fp16_text_encoder_loads_as_fp32_and_matches(tmp_path):
     encodes prompts as the fp32 original does, up to fp16 rounding of its weights."""
     from safetensors.torch import load_file
 
-    from selfnpo.world.model import export_model
+    from selfnpo.world.pretrain.export import export_model
 
     plain, half = tmp_path / "plain", tmp_path / "half"
     export_model(shipped_model_dir(), plain)

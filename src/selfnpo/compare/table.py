@@ -16,16 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..evaluation.report import (
-    Bars,
-    Grid,
-    Report,
-    Table,
-    format_ci,
-    format_number,
-    svg_bar_chart,
-    write_report,
-)
+from ..evaluation.page import Grid, Report, Table, write_report
+from ..evaluation.plots import Bars, format_ci, format_number, svg_bar_chart
 from ..evaluation.stats import paired_diff_ci, win_rate
 from ..io import atomic_write_text
 from .settings import Setting

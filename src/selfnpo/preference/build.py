@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ..errors import SelfNPOError
-from ..io import atomic_dir, check_output_dir, check_writable_parent, read_prompts, write_marker
+from ..io import atomic_dir, prepare_output, read_prompts, write_marker
 from ..models import model_for
 from ..models.sd import DiffusionModel
 from ..options import MAX_SEED, check_finite, opt
@@ -65,8 +65,7 @@ class PairsConfig:
 def _prepare(cfg: PairsConfig) -> Path:
     out = Path(cfg.output_dir)
     legacy = lambda o: (o / "pairs_meta.json").is_file()  # noqa: E731 - folders of earlier versions
-    check_output_dir(out, "pairs", overwrite=cfg.overwrite, legacy=legacy)
-    check_writable_parent(out)
+    prepare_output(out, "pairs", overwrite=cfg.overwrite, legacy=legacy)
     return out
 
 
@@ -87,10 +86,67 @@ def _draw_images(
     return sample_latents(model, model.predict, prompts, noise, cfg.guidance_scale, grid).cpu()
 
 
-def build_pairs(cfg: PairsConfig, pipe=None, progress: bool = True) -> Path:
-    """Generate, score and write the pairs; returns the ``pairs.jsonl`` path."""
+def _draw_and_score(
+    model: DiffusionModel, reward, prompts: list[str], cfg: PairsConfig, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents ``[2P, ...]`` and rewards ``[2P]`` of both images of every prompt (2i and 2i+1)."""
     from tqdm.auto import tqdm
 
+    jobs = [(p, 2 * i + side) for i, p in enumerate(prompts) for side in (0, 1)]
+    lats, scores = [], []
+    for i in tqdm(range(0, len(jobs), cfg.batch_size), desc="pairs", disable=not progress):
+        chunk = jobs[i : i + cfg.batch_size]
+        ps = [p for p, _ in chunk]
+        lat = _draw_images(model, ps, [cfg.seed + k for _, k in chunk], cfg)
+        with torch.no_grad():
+            scores.append(reward(model.decode_latents(lat), ps).float().cpu())
+        lats.append(lat)
+    return torch.cat(lats), torch.cat(scores)
+
+
+def _write_images(
+    tmp: Path, images: torch.Tensor, prompts: list[str], score: torch.Tensor, cfg: PairsConfig
+) -> tuple[list[PairRecord], list[int], list[int]]:
+    """The PNGs of the pairs that are not ties, their records, and winner and loser indices."""
+    records, keep_w, keep_l = [], [], []
+    for i, prompt in enumerate(prompts):
+        a, b = 2 * i, 2 * i + 1
+        if abs(float(score[a] - score[b])) <= cfg.min_margin:
+            continue
+        w, l = (a, b) if score[a] > score[b] else (b, a)
+        names = [f"images/{i:06d}_{s}.png" for s in ("w", "l")]
+        _png(images[w], tmp / names[0])
+        _png(images[l], tmp / names[1])
+        seeds = cfg.seed + w, cfg.seed + l
+        records.append(PairRecord(prompt, names[0], names[1], float(score[w]), float(score[l]), *seeds))
+        keep_w.append(w)
+        keep_l.append(l)
+    return records, keep_w, keep_l
+
+
+def _write_folder(
+    out: Path, cfg: PairsConfig, model: DiffusionModel, prompts: list[str], lat, score, cost: dict
+) -> None:
+    """The whole pair folder, atomically: images, ``pairs.jsonl``, latents and ``pairs_meta.json``."""
+    with atomic_dir(out) as tmp:
+        write_marker(tmp, "pairs")
+        (tmp / "images").mkdir()
+        records, keep_w, keep_l = _write_images(tmp, model.decode_latents(lat), prompts, score, cfg)
+        if not records:
+            raise SelfNPOError("every pair was a tie under --min-margin; nothing to write")
+        write_pairs(tmp, records)
+        save_file(
+            {"winner": lat[keep_w].contiguous(), "loser": lat[keep_l].contiguous()},
+            str(tmp / "latents.safetensors"),
+            metadata={"format": FORMAT},
+        )
+        meta = {"format": FORMAT, "config": asdict(cfg), "prompts": len(prompts), "pairs": len(records)}
+        meta.update(ties_dropped=len(prompts) - len(records), **cost)
+        (tmp / "pairs_meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def build_pairs(cfg: PairsConfig, pipe=None, progress: bool = True) -> Path:
+    """Generate, score and write the pairs; returns the ``pairs.jsonl`` path."""
     from ..models.loading import load_pipeline
     from ..rewards import get_reward
 
@@ -109,60 +165,8 @@ def build_pairs(cfg: PairsConfig, pipe=None, progress: bool = True) -> Path:
     model = model_for(pipe)
     reward = get_reward(cfg.reward, model.device)
     t0, nfe0 = time.perf_counter(), model.nfe
-    jobs = [(p, 2 * i + side) for i, p in enumerate(prompts) for side in (0, 1)]
-    lats, scores = [], []
-    for i in tqdm(range(0, len(jobs), cfg.batch_size), desc="pairs", disable=not progress):
-        chunk = jobs[i : i + cfg.batch_size]
-        ps = [p for p, _ in chunk]
-        lat = _draw_images(model, ps, [cfg.seed + k for _, k in chunk], cfg)
-        with torch.no_grad():
-            scores.append(reward(model.decode_latents(lat), ps).float().cpu())
-        lats.append(lat)
-    lat_all, score_all = torch.cat(lats), torch.cat(scores)
+    lat, score = _draw_and_score(model, reward, prompts, cfg, progress)
     wall = time.perf_counter() - t0
-    records, keep_w, keep_l = [], [], []
-    with atomic_dir(out) as tmp:
-        write_marker(tmp, "pairs")
-        (tmp / "images").mkdir()
-        images = model.decode_latents(lat_all)
-        for i, prompt in enumerate(prompts):
-            a, b = 2 * i, 2 * i + 1
-            if abs(float(score_all[a] - score_all[b])) <= cfg.min_margin:
-                continue
-            w, l = (a, b) if score_all[a] > score_all[b] else (b, a)
-            names = [f"images/{i:06d}_{s}.png" for s in ("w", "l")]
-            _png(images[w], tmp / names[0])
-            _png(images[l], tmp / names[1])
-            records.append(
-                PairRecord(
-                    prompt,
-                    names[0],
-                    names[1],
-                    float(score_all[w]),
-                    float(score_all[l]),
-                    cfg.seed + w,
-                    cfg.seed + l,
-                )
-            )
-            keep_w.append(w)
-            keep_l.append(l)
-        if not records:
-            raise SelfNPOError("every pair was a tie under --min-margin; nothing to write")
-        write_pairs(tmp, records)
-        save_file(
-            {"winner": lat_all[keep_w].contiguous(), "loser": lat_all[keep_l].contiguous()},
-            str(tmp / "latents.safetensors"),
-            metadata={"format": FORMAT},
-        )
-        meta = {
-            "format": FORMAT,
-            "config": asdict(cfg),
-            "prompts": len(prompts),
-            "pairs": len(records),
-            "ties_dropped": len(prompts) - len(records),
-            "network_evals": model.nfe - nfe0,
-            "images_scored": len(jobs),
-            "wall_time_s": wall,
-        }
-        (tmp / "pairs_meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    cost = {"network_evals": model.nfe - nfe0, "images_scored": 2 * len(prompts), "wall_time_s": wall}
+    _write_folder(out, cfg, model, prompts, lat, score, cost)
     return out / "pairs.jsonl"

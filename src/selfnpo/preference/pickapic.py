@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import SelfNPOError
-from ..io import atomic_dir, check_output_dir, check_writable_parent, write_marker
+from ..io import atomic_dir, prepare_output, write_marker
 from ..options import opt
 from .pairs import FORMAT, PairRecord, write_pairs
 
@@ -65,8 +65,7 @@ def convert_pickapic(cfg: PickapicConfig) -> Path:
     out = Path(cfg.output_dir)
     shards = _shards(Path(cfg.input))
     legacy = lambda o: (o / "pairs_meta.json").is_file()  # noqa: E731 - folders of earlier versions
-    check_output_dir(out, "pairs", overwrite=cfg.overwrite, legacy=legacy)
-    check_writable_parent(out)
+    prepare_output(out, "pairs", overwrite=cfg.overwrite, legacy=legacy)
     records: list[PairRecord] = []
     ties = 0
     with atomic_dir(out) as tmp:

@@ -22,8 +22,8 @@ from ..errors import SelfNPOError
 from ..io import (
     atomic_dir,
     atomic_write_text,
-    claim_output_dir,
     lock_dir,
+    prepare_output,
     read_prompts,
     remove_stale_temps,
     removed_on_failure,
@@ -32,7 +32,6 @@ from ..models import model_for
 from ..models.loading import load_pipeline, resolve_model_class
 from ..models.sd import DiffusionModel
 from ..objectives.base import Batch, StepContext, get_objective, get_spec
-from ..options import with_defaults
 from ..rewards import get_reward
 from .checkpoint import load_latest, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from .config import TrainConfig
@@ -65,40 +64,21 @@ def _legacy_run(run: Path) -> bool:
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     """Create the run folder, or return it for resumption; never silently replace anything."""
     run = Path(cfg.output_dir)
-    cfg_file = run / "config.json"
-    resuming = claim_output_dir(run, "train", overwrite=cfg.overwrite, resume=cfg.resume, legacy=_legacy_run)
-    if resuming and cfg_file.is_file():
-        try:
-            saved = json.loads(cfg_file.read_text(encoding="utf-8"))
-            if not isinstance(saved, dict):
-                raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SelfNPOError(f"{cfg_file}: damaged, cannot resume ({e})") from None
-        _check_same_run(cfg, saved)
-        for folder in (run, run / "checkpoints"):
-            remove_stale_temps(folder)
-        return run, True
-    try:
-        atomic_write_text(cfg_file, json.dumps(cfg.to_dict(), indent=2))
-    except OSError as e:
-        raise SelfNPOError(f"{run}: cannot write the run folder ({e.strerror})") from None
+    resuming = prepare_output(
+        run,
+        "train",
+        cfg.to_dict(),
+        config_file="config.json",
+        may_change=TrainConfig.RESUMABLE_CHANGES,
+        paths=("model", "prompts", "image_dir", "pairs"),
+        defaults=TrainConfig,
+        overwrite=cfg.overwrite,
+        resume=cfg.resume,
+        legacy=_legacy_run,
+    )
+    if resuming:
+        remove_stale_temps(run / "checkpoints")
     return run, resuming
-
-
-_PATHS = ("model", "prompts", "image_dir", "pairs")
-
-
-def _same(k: str, a, b) -> bool:
-    if k in _PATHS and isinstance(a, str) and isinstance(b, str) and a and b:
-        return a == b or os.path.realpath(a) == os.path.realpath(b)
-    return a == b
-
-
-def _check_same_run(cfg: TrainConfig, saved: dict) -> None:
-    saved = with_defaults(TrainConfig, saved)
-    for k, v in cfg.to_dict().items():
-        if k not in TrainConfig.RESUMABLE_CHANGES and not _same(k, saved.get(k), v):
-            raise SelfNPOError(f"cannot resume: {k} was {saved.get(k)!r} in this run, now {v!r}")
 
 
 def make_source(

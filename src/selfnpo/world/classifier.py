@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from selfnpo.io import atomic_path, atomic_write_text
 from selfnpo.world.captions import CaptionLabels, caption, consistent, parse_caption, relation_holds
 from selfnpo.world.render import (
     BACKGROUNDS,
@@ -343,16 +344,16 @@ def train_classifier(
 
 
 def _save(model: nn.Module, path: Path, train: dict, metrics: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
     info = {
         "config": DEFAULT_CONFIG,
         "train": train,
         "eval": {"rng": f"numpy default_rng(({train['seed']}, 1))", **metrics},
         "torch": torch.__version__,
     }
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(path.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
 
 
 def load_classifier(path: str | Path | None = None, device: str = "cpu") -> AttributeClassifier:
