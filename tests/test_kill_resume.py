@@ -158,6 +158,8 @@ def test_pretrain_killed_at_several_moments_ends_bit_identical(runner, tmp_path)
     args = [
         "pretrain",
         "--quiet",
+        "--recipe",
+        "v2",
         "--vae-steps",
         "6",
         "--unet-steps",

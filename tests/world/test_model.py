@@ -134,8 +134,9 @@ def test_demo_bad_input(bad, tmp_path, capsys):
 
 
 def test_pretrain_recipes_fill_only_settings_left_at_their_defaults():
-    v2 = PretrainConfig().resolved()
-    assert (v2.unet_channels, v2.ema_decay, v2.unet_steps) == ("32,64,64", 0.0, 3000)  # the shipped model
+    assert PretrainConfig().recipe == "v3"  # the shipped model
+    v2 = PretrainConfig(recipe="v2").resolved()
+    assert (v2.unet_channels, v2.ema_decay, v2.unet_steps) == ("32,64,64", 0.0, 3000)  # the earlier model
     v3 = PretrainConfig(recipe="v3", unet_steps=500).resolved()
     assert (v3.unet_channels, v3.vae_channels, v3.ema_decay, v3.snr_gamma) == (
         "48,96,96",

@@ -14,9 +14,9 @@ class PretrainConfig:
 
     output_dir: str = opt("runs/pretrain", "run folder; the finished pipeline is written to OUTPUT_DIR/model")
     recipe: str = opt(
-        "v2",
-        "preset for the settings below that are left at their defaults: v2 (the shipped model) or v3 "
-        "(larger UNet and autoencoder, EMA weights, min-SNR weighting; docs/world.md)",
+        "v3",
+        "preset for the settings below that are left at their defaults: v3 (the shipped model: larger "
+        "UNet and autoencoder, EMA weights, min-SNR weighting) or v2 (the earlier one); docs/world.md",
         choices=("v2", "v3"),
     )
     unet_channels: str = opt("32,64,64", "UNet block widths (comma-separated)")
