@@ -61,11 +61,17 @@ def test_flat_config_round_trips_and_old_configs_get_defaults():
         (dict(objective="ddspo", ddspo_variant="unpaired", batch_size=1), "needs --batch-size >= 2"),
         (dict(objective="r0", r0_rewards="world:x"), "bad weight"),
         (dict(snr_gamma=-1.0), "--snr-gamma"),
+        (dict(objective="reward_npo", reward="nope"), "unknown reward 'nope'"),
+        (dict(objective="r0", r0_rewards="world:1,no_such_module:x:2"), "cannot import reward"),
     ],
 )
 def test_each_objective_config_checks_its_own_settings(kw, msg):
     with pytest.raises(SelfNPOError, match=msg):
         TrainConfig(model="m", prompts="p", **kw).validate()
+
+
+def test_a_reward_is_resolved_only_for_objectives_that_use_one():
+    TrainConfig(model="m", prompts="p", objective="tdft", reward="nope").validate()
 
 
 def test_rewards_by_name_entry_point_or_module_attr():
