@@ -59,18 +59,22 @@ def _import_attr(spec: str) -> RewardFactory:
     return factory
 
 
-def get_reward(name: str, device: torch.device | str = "cpu") -> Reward:
-    """Build the reward ``name`` on ``device``: registered, published as an entry point, or ``module:attr``."""
+def reward_factory(name: str) -> RewardFactory:
+    """The factory of reward ``name``: registered, published as an entry point, or ``module:attr``;
+    a one-line :class:`SelfNPOError` for a name that is none of these."""
     if name in REWARDS:
-        factory = REWARDS[name]
-    elif name in (published := _published()):
-        factory = published[name].load()
-    elif ":" in name:
-        factory = _import_attr(name)
-    else:
-        known = ", ".join(sorted({*REWARDS, *published}))
-        raise SelfNPOError(f"unknown reward {name!r}; known: {known}, or module:attr")
-    return factory(torch.device(device))
+        return REWARDS[name]
+    if name in (published := _published()):
+        return published[name].load()
+    if ":" in name:
+        return _import_attr(name)
+    known = ", ".join(sorted({*REWARDS, *published}))
+    raise SelfNPOError(f"unknown reward {name!r}; known: {known}, or module:attr")
+
+
+def get_reward(name: str, device: torch.device | str = "cpu") -> Reward:
+    """Build the reward ``name`` (see :func:`reward_factory`) on ``device``."""
+    return reward_factory(name)(torch.device(device))
 
 
 def npo_reward(reward: Reward) -> Reward:

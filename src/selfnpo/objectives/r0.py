@@ -32,7 +32,7 @@ from ..errors import SelfNPOError
 from ..guidance import guided
 from ..options import opt
 from ..param import forward_noise
-from ..rewards import Reward, get_reward
+from ..rewards import Reward, get_reward, reward_factory
 from ..sampling import sample
 from ..schedules import ddim_grid
 from .base import Batch, StepContext, register, uniform_int
@@ -185,7 +185,8 @@ class R0Config:
         if not 0.0 <= self.r0_eta <= 1.0:
             raise SelfNPOError("--r0-eta must be in [0, 1]")
         if self.objective in ("r0", "r0_plus"):
-            parse_rewards(self.r0_rewards, self.reward)
+            for name, _ in parse_rewards(self.r0_rewards, self.reward):
+                reward_factory(name)
 
 
 @register("r0", configs=(R0Config, RewardConfig), reference=True, uses_reward=True, prompts_only=True)

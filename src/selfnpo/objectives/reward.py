@@ -16,10 +16,10 @@ from torch import Tensor
 from ..errors import SelfNPOError
 from ..guidance import guided
 from ..options import opt
-from ..rewards import npo_reward
+from ..rewards import npo_reward, reward_factory
 from ..sampling import sample
 from ..schedules import ddim_grid
-from .base import Batch, StepContext, register
+from .base import Batch, StepContext, get_spec, register
 
 
 def sample_with_grad(ctx: StepContext, batch: Batch) -> Tensor:
@@ -61,6 +61,8 @@ class RewardConfig:
             raise SelfNPOError("--reward-grad-steps must be in 1..--reward-steps")
         if not self.reward_guidance >= 1.0:
             raise SelfNPOError("--reward-guidance must be >= 1")
+        if get_spec(self.objective).uses_reward:
+            reward_factory(self.reward)  # an unknown reward is reported before the model loads
 
 
 @register("reward", configs=(RewardConfig,), reference=True, uses_reward=True, prompts_only=True)

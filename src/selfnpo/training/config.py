@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import SelfNPOError
+from ..objectives.base import get_spec, objective_configs
 from ..options import MAX_SEED, check_finite, opt
 
 
@@ -86,8 +87,6 @@ class CommonTrainConfig:
         objective config's own ``check`` (every objective's, as each flag is always accepted)."""
         if not self.model:
             raise SelfNPOError("--model is required")
-        from ..objectives.base import get_spec, objective_configs
-
         try:
             spec = get_spec(self.objective)
         except KeyError as e:
@@ -144,8 +143,6 @@ class CommonTrainConfig:
 
 def _compose() -> type:
     """``TrainConfig``: the common settings, then every discovered objective's config (flat)."""
-    from ..objectives.base import objective_configs
-
     # dataclass fields follow the reversed MRO: the common ones first, then each objective's
     bases = (*reversed(objective_configs()), CommonTrainConfig)
     cls = dataclasses.make_dataclass("TrainConfig", [], bases=bases)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..conditioning import Cond
 from ..errors import SelfNPOError
 from ..models.sd import DiffusionModel
+from ..objectives.base import get_spec
 from ..offsets import activate_adapters, adapter_scales, is_adapter_param, save_full_delta, save_lora
 
 STUDENT, TEACHER = "selfnpo_student", "selfnpo_teacher"
@@ -30,8 +31,6 @@ class TrainableOffset:
     def __init__(self, model: DiffusionModel, cfg) -> None:
         self.model, self.cfg = model, cfg
         self.mode = cfg.train
-        from ..objectives.base import get_spec
-
         frozen = cfg.teacher == "frozen" or get_spec(cfg.objective).reference
         self.decay = 1.0 if frozen else cfg.ema_decay
         unet = model.unet

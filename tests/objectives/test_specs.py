@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 
 import pytest
+from conftest import train_tiny
 
 from selfnpo.errors import SelfNPOError
 from selfnpo.objectives.base import discover, get_spec, objective_configs
@@ -59,11 +61,17 @@ def test_flat_config_round_trips_and_old_configs_get_defaults():
         (dict(objective="ddspo", ddspo_variant="unpaired", batch_size=1), "needs --batch-size >= 2"),
         (dict(objective="r0", r0_rewards="world:x"), "bad weight"),
         (dict(snr_gamma=-1.0), "--snr-gamma"),
+        (dict(objective="reward_npo", reward="nope"), "unknown reward 'nope'"),
+        (dict(objective="r0", r0_rewards="world:1,no_such_module:x:2"), "cannot import reward"),
     ],
 )
 def test_each_objective_config_checks_its_own_settings(kw, msg):
     with pytest.raises(SelfNPOError, match=msg):
         TrainConfig(model="m", prompts="p", **kw).validate()
+
+
+def test_a_reward_is_resolved_only_for_objectives_that_use_one():
+    TrainConfig(model="m", prompts="p", objective="tdft", reward="nope").validate()
 
 
 def test_rewards_by_name_entry_point_or_module_attr():
@@ -85,3 +93,51 @@ def test_rewards_by_name_entry_point_or_module_attr():
         ("selfnpo.world.reward:WorldReward", 0.5),
         ("world", 1.0),
     ]
+
+
+# config.json of a run written before the objectives' settings moved beside them (all defaults,
+# keys in that version's order): the flat format every later version must keep reading.
+OLD_FLAT_CONFIG = {
+    "model": "", "prompts": "", "output_dir": "runs/selfnpo", "objective": "tdft", "source": "self",
+    "image_dir": "", "pool_size": 64, "pool_guidance_scale": 7.5, "grid_steps": 25, "k_steps": 5,
+    "rollout_guidance": -1.0, "authors_cond_pass": False, "loss": "pseudo_huber", "huber_c": 0.001,
+    "teacher": "ema", "ema_decay": 0.999, "train": "lora", "lora_rank": 8, "lora_alpha": 0.0,
+    "lora_targets": "to_q,to_k,to_v,to_out.0", "lr": 0.0001, "weight_decay": 0.001, "max_grad_norm": 1.0,
+    "steps": 1000, "batch_size": 4, "grad_accum": 1, "resolution": 0, "frames": 0, "mixed_precision": "no",
+    "gradient_checkpointing": False, "device": "auto", "seed": 0, "checkpoint_every": 100,
+    "keep_checkpoints": 2, "log_every": 10, "nonfinite": "stop", "caption_dropout": 0.0, "snr_gamma": 0.0,
+    "resume": False, "overwrite": False, "save_model": False, "pairs": "", "dpo_beta": 5000.0,
+    "dpo_beta_convention": "original", "reward": "world", "reward_steps": 10, "reward_grad_steps": 1,
+    "reward_guidance": 7.5, "ddspo_variant": "paired", "ddspo_degrade": "random_removal",
+    "ddspo_remove_low": 0.4, "ddspo_remove_high": 0.7, "ddspo_targets": "reference", "ddspo_beta": 0.0,
+    "ddspo_loser_steps": 0, "r0_rewards": "", "r0_steps": 4, "r0_cfg_weight": 1.0, "r0_reg_weight": 1.0,
+    "r0_raw_grads": False, "r0_fixed_eta": False, "r0_eta": 1.0,
+}  # fmt: skip
+
+
+def test_the_old_flat_config_has_the_same_keys_and_defaults():
+    assert TrainConfig(**OLD_FLAT_CONFIG) == TrainConfig()
+    assert set(TrainConfig().to_dict()) == set(OLD_FLAT_CONFIG)
+
+
+def test_train_flags_are_the_union_of_the_config_fields():
+    from selfnpo.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in sub.choices["train"]._actions if a.dest not in ("help", "quiet")}
+    fields = {f.name: f for c in (CommonTrainConfig, *objective_configs()) for f in dataclasses.fields(c)}
+    assert set(actions) == set(fields)
+    for name, f in fields.items():
+        a = actions[name]
+        assert a.option_strings == ["--" + name.replace("_", "-")]
+        assert a.default == f.default and a.choices == f.metadata.get("choices")
+        assert a.help.startswith(f.metadata["help"])
+
+
+def test_a_run_with_an_old_flat_config_json_resumes(tiny_sd, prompts_file, tmp_path):
+    run = tmp_path / "run"
+    train_tiny(tiny_sd, run, prompts_file, steps=1)
+    saved = json.loads((run / "config.json").read_text())
+    old = {k: saved[k] for k in OLD_FLAT_CONFIG if k not in ("snr_gamma", "r0_eta")}  # older still
+    (run / "config.json").write_text(json.dumps(old, indent=2))
+    assert train_tiny(tiny_sd, run, prompts_file, steps=2, resume=True).steps == 2
