@@ -186,3 +186,32 @@ def test_r0_step_runs_from_ddim_to_fresh_noise():
     torch.testing.assert_close(
         param.ddim_step_eta(x0, eps, a, s, per_sample, z), param.ddim_step_eta(x0, eps, a, s, 0.3, z)
     )
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+def test_tdft_on_a_grid_that_does_not_divide_T_stays_on_the_grid(tiny_sd, with_data):
+    """TDFT with 30 grid steps of 1000: start levels and every teacher call lie on ddim_grid(30)."""
+    from selfnpo.models.loading import load_pipeline
+    from selfnpo.models.sd import DiffusionModel
+    from selfnpo.objectives.base import Batch, StepContext
+    from selfnpo.objectives.tdft import tdft
+
+    model = DiffusionModel(load_pipeline(tiny_sd, device="cpu", dtype="fp32"))
+    seen = []
+
+    def teacher(x, t, cond):
+        seen.append(t.clone())
+        return model.predict(x, t, cond)
+
+    cfg = SimpleNamespace(
+        grid_steps=30, k_steps=4, rollout_guidance=-1.0, authors_cond_pass=False, resolution=None
+    )
+    cfg.loss, cfg.huber_c = "l2", 1e-3
+    prompts = ["a red circle", "green star", "a blue square", "yellow ring"]
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)) if with_data else None
+    ctx = StepContext(model, model.predict, teacher, cfg, torch.Generator().manual_seed(1))
+    loss = tdft(ctx, Batch(prompts, model.encode(prompts), x0))
+    assert loss.shape == (4,) and torch.isfinite(loss).all()
+    levels = set(grid_levels(ddim_grid(30)).tolist())
+    assert len(seen) >= 2 and all(set(t.tolist()) <= levels for t in seen)
+    assert not set(seen[0].tolist()) & {0}  # the rollout starts on the grid itself, never at 0
