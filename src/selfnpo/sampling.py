@@ -12,10 +12,11 @@ One step from level ``t`` to ``t'`` (R0 eq. 3.2, with Self-NPO's DDIM as ``eta =
     x' = alpha_t' x0_hat + sigma_t' (eta eps_hat + sqrt(1 - eta^2) z),   z ~ N(0, I)
 
 ``eta`` here weighs the predicted noise (R0's convention, that of ``--r0-eta`` and
-:class:`selfnpo.schedulers.R0Scheduler`): 1 is deterministic DDIM, 0 replaces the predicted noise by
-a fresh draw ``z`` from an explicit ``torch.Generator`` (or the training loop's ``randn``). Uses: the TDFT teacher rollout (:func:`ddim_rollout`), full sampling of the
-pool, the full-simulation baseline and DDSPO (:func:`ddim_sample`), DRaFT-K with gradients through
-the last calls (``grad_calls``) and R0's stochastic generator (``etas``, ``randn``).
+:class:`selfnpo.schedulers.R0Scheduler`): 1 is deterministic DDIM, 0 replaces the predicted noise
+by a fresh draw ``z`` from an explicit ``torch.Generator`` (or the training loop's ``randn``).
+Uses: the TDFT teacher rollout (:func:`ddim_rollout`), full sampling of the pool, the
+full-simulation baseline and DDSPO (:func:`ddim_sample`), DRaFT-K with gradients through the last
+calls (``grad_calls``) and R0's stochastic generator (``etas``, ``randn``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _step(
     t: Tensor,
     t_next: Tensor,
     eta: Tensor | None,
-    draw,
+    draw: Noise | None,
 ) -> Tensor:
     """The state at levels ``t_next`` ``[B]`` from ``x`` at ``t``; a sample whose level does not
     drop (already at 0) keeps its state. ``eta`` ``[B]``: R0's stochastic step, None: DDIM."""
