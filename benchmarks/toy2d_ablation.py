@@ -25,6 +25,7 @@ from toy2d_selfnpo import METRICS, pretrain, run_and_write, sample, score, train
 
 from selfnpo.evaluation.stats import paired_diff_ci
 from selfnpo.npo import NPOGuidance
+from selfnpo.param import forward_noise
 from selfnpo.toy2d.metrics import hdr_log_threshold
 from selfnpo.toy2d.mixture import ring_mixture
 from selfnpo.toy2d.model import MixtureSource, class_prompt
@@ -56,7 +57,7 @@ def guidance_stats(pipe, offset: Path, beta: float, mix, n: int = 600, seed: int
     for t in (100, 300, 500, 700, 900):
         ac = pipe.scheduler.alphas_cumprod[t].double()
         a, s = ac.sqrt(), (1 - ac).sqrt()
-        x_t = a * x0 + s * torch.randn(n, 2, generator=g, dtype=x0.dtype)
+        x_t = forward_noise(x0, torch.randn(n, 2, generator=g, dtype=x0.dtype), a, s)
         xf, tt = x_t.float(), torch.full((2 * n,), t)
         ids = torch.cat([unc, c])
         e_u, e_c = pipe.unet(torch.cat([xf, xf]), tt, encoder_hidden_states=ids).sample.chunk(2)

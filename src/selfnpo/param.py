@@ -117,6 +117,21 @@ def ddim_step(x0: Tensor, eps: Tensor, alpha_next: Tensor, sigma_next: Tensor) -
     return alpha_next * x0 + sigma_next * eps
 
 
+def ddim_step_eta(
+    x0: Tensor, eps: Tensor, alpha_next: Tensor, sigma_next: Tensor, eta: Tensor | float, noise: Tensor
+) -> Tensor:
+    """R0's stochastic DDIM step (R0 eq. 3.2): ``x_next = alpha' x0 + sigma' (eta eps + sqrt(1 - eta^2) z)``.
+
+    ``eta`` (in [0, 1], a float or broadcastable per sample) weighs the predicted noise: ``eta = 1`` is
+    :func:`ddim_step`, ``eta = 0`` replaces the noise by the fresh draw ``noise``.
+    """
+    if isinstance(eta, Tensor):
+        keep = (1.0 - eta**2).clamp_min(0).sqrt()
+    else:
+        keep = (1.0 - eta * eta) ** 0.5
+    return alpha_next * x0 + sigma_next * (eta * eps + keep * noise)
+
+
 def renoise(
     x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor, noise: Tensor
 ) -> Tensor:

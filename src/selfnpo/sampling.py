@@ -11,10 +11,12 @@ One step from level ``t`` to ``t'`` (R0 eq. 3.2, with Self-NPO's DDIM as ``eta =
 
     x' = alpha_t' x0_hat + sigma_t' (eta eps_hat + sqrt(1 - eta^2) z),   z ~ N(0, I)
 
-``eta`` here weighs the predicted noise (R0's convention): 1 is deterministic DDIM, 0 replaces the
-noise by a fresh draw. Uses: the TDFT teacher rollout (:func:`ddim_rollout`), full sampling of the
-pool, the full-simulation baseline and DDSPO (:func:`ddim_sample`), DRaFT-K with gradients through
-the last calls (``grad_calls``) and R0's stochastic generator (``etas``, ``randn``).
+``eta`` here weighs the predicted noise (R0's convention, that of ``--r0-eta`` and
+:class:`selfnpo.schedulers.R0Scheduler`): 1 is deterministic DDIM, 0 replaces the predicted noise
+by a fresh draw ``z`` from an explicit ``torch.Generator`` (or the training loop's ``randn``).
+Uses: the TDFT teacher rollout (:func:`ddim_rollout`), full sampling of the pool, the
+full-simulation baseline and DDSPO (:func:`ddim_sample`), DRaFT-K with gradients through the last
+calls (``grad_calls``) and R0's stochastic generator (``etas``, ``randn``).
 """
 
 from __future__ import annotations
@@ -26,12 +28,52 @@ from torch import Tensor
 
 from .guidance import BoundDenoiser
 from .models.sd import DiffusionModel
-from .param import ddim_step
+from .param import ddim_step, ddim_step_eta
+
+Noise = Callable[[tuple[int, ...]], Tensor]  # shape -> standard normal draws
 
 
 def grid_levels(grid: Tensor) -> Tensor:
     """``[0, grid...]``: the level of position ``p`` is ``grid_levels(grid)[p + 1]``."""
     return torch.cat([grid.new_zeros(1), grid])
+
+
+def top(grid: Tensor, n: int, device: torch.device | str) -> Tensor:
+    """Positions ``[n]`` at the grid's noisiest level."""
+    return torch.full((n,), len(grid) - 1, device=device, dtype=torch.long)
+
+
+def _noise_source(generator: torch.Generator | None, randn: Noise | None, like: Tensor) -> Noise:
+    """How stochastic steps draw ``z``: ``randn`` when given (the training loop's per-process draws),
+    else standard normals from ``generator`` in ``like``'s dtype."""
+    if randn is not None:
+        return randn
+    if generator is None:
+        raise ValueError("stochastic steps (etas) need a generator")
+    return lambda shape: torch.randn(
+        shape, generator=generator, device=generator.device, dtype=like.dtype
+    ).to(like.device)
+
+
+def _step(
+    model: DiffusionModel,
+    x: Tensor,
+    x0: Tensor,
+    eps: Tensor,
+    t: Tensor,
+    t_next: Tensor,
+    eta: Tensor | None,
+    draw: Noise | None,
+) -> Tensor:
+    """The state at levels ``t_next`` ``[B]`` from ``x`` at ``t``; a sample whose level does not
+    drop (already at 0) keeps its state. ``eta`` ``[B]``: R0's stochastic step, None: DDIM."""
+    a, s = model.coeffs(t_next, x)
+    if eta is None:
+        x_next = ddim_step(x0, eps, a, s)
+    else:
+        eta = eta.to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        x_next = ddim_step_eta(x0, eps, a, s, eta, draw(tuple(x.shape)))
+    return torch.where((t_next < t).reshape(-1, *([1] * (x.ndim - 1))), x_next, x)
 
 
 def walk(
@@ -44,19 +86,20 @@ def walk(
     final_step: bool = True,
     grad_calls: int = 0,
     etas: Tensor | None = None,
-    randn: Callable[[tuple[int, ...]], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    randn: Noise | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``calls`` network calls down ``grid`` from ``x`` at positions ``pos`` ``[B]``.
 
     Each call is followed by a step one position down (a sample at level 0 stays where it is),
     except the last when ``final_step`` is False. ``grad_calls``: the last calls that keep a graph
     (if gradients are enabled at all). ``etas`` ``[calls, B]``: the noise weight of each step
-    (default 1: deterministic), with ``randn(shape)`` drawing the fresh noise.
+    (default: 1, deterministic), with fresh noise from ``generator`` (or ``randn(shape)``).
     Returns ``(x, t, x0)``: the state, its levels ``[B]``, and the last call's x0 estimate.
     """
     levels = grid_levels(grid.to(x.device))
-    t = levels[pos + 1]
-    x0 = x
+    draw = None if etas is None else _noise_source(generator, randn, x)
+    t, x0 = levels[pos + 1], x
     for i in range(calls):
         if final_step and not bool((t > 0).any()):  # every sample at level 0: steps change nothing
             break
@@ -65,16 +108,10 @@ def walk(
             x0 = model.x0_of(pred, x, t)
             if i + 1 == calls and not final_step:
                 break
-            eps = model.eps_of(pred, x, t)
             pos = (pos - 1).clamp_min(-1)
             t_next = levels[pos + 1]
-            a, s = model.coeffs(t_next, x)
-            if etas is None:
-                x_next = ddim_step(x0, eps, a, s)
-            else:
-                eta = etas[i].to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-                x_next = a * x0 + s * (eta * eps + (1.0 - eta**2).clamp_min(0).sqrt() * randn(tuple(x.shape)))
-            x = torch.where((t_next < t).reshape(-1, *([1] * (x.ndim - 1))), x_next, x)
+            eps = model.eps_of(pred, x, t)
+            x = _step(model, x, x0, eps, t, t_next, None if etas is None else etas[i], draw)
             t = t_next
     return x, t, x0
 
@@ -88,11 +125,6 @@ def ddim_rollout(
     return x, t
 
 
-def top(grid: Tensor, n: int, device: torch.device | str) -> Tensor:
-    """Positions ``[n]`` at the grid's noisiest level."""
-    return torch.full((n,), len(grid) - 1, device=device, dtype=torch.long)
-
-
 def sample(
     model: DiffusionModel,
     f: BoundDenoiser,
@@ -101,17 +133,18 @@ def sample(
     grad_calls: int = 0,
     calls: int | None = None,
     etas: Tensor | None = None,
-    randn: Callable[[tuple[int, ...]], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    randn: Noise | None = None,
 ) -> Tensor:
     """From ``noise`` at ``grid[-1]`` down the ascending ``grid``: the x0 estimate of the last call.
 
     ``calls`` network calls (default all; fewer gives R0+'s intermediate estimate ``x0^(k)``);
-    gradients through the last ``grad_calls`` (DRaFT-K truncated backpropagation); ``etas`` /
-    ``randn``: R0's stochastic steps (eq. 3.2).
+    gradients through the last ``grad_calls`` (DRaFT-K truncated backpropagation); ``etas`` with
+    ``generator`` or ``randn``: R0's stochastic steps (eq. 3.2).
     """
     calls = calls or len(grid)
     pos = top(grid, noise.shape[0], noise.device)
-    return walk(model, f, noise, pos, grid, calls, False, grad_calls, etas, randn)[2]
+    return walk(model, f, noise, pos, grid, calls, False, grad_calls, etas, generator, randn)[2]
 
 
 @torch.no_grad()

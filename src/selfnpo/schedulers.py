@@ -2,7 +2,7 @@
 
 Generation reuses diffusers' schedulers; this module holds the one step the R0 paper changes, so
 that ``selfnpo generate --scheduler R0Scheduler`` (and any pipeline) can sample the way an R0
-generator was trained (:func:`selfnpo.sampling.sample` with ``etas`` is the same step for training).
+generator was trained (:func:`selfnpo.param.ddim_step_eta`, the step :func:`selfnpo.sampling.sample` takes with ``etas``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from diffusers import DDIMScheduler
 from torch import Tensor
 
-from .param import to_eps, to_x0
+from .param import ddim_step_eta, to_eps, to_x0
 
 
 class R0Scheduler(DDIMScheduler):
@@ -51,9 +51,9 @@ class R0Scheduler(DDIMScheduler):
                 variance_noise = randn_tensor(
                     model_output.shape, generator=generator, device=sample.device, dtype=sample.dtype
                 )
-            e = float(self.r0_eta)
-            mixed = e * eps + (1.0 - e * e) ** 0.5 * variance_noise
-            prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * mixed
+            prev = ddim_step_eta(
+                x0, eps, a_prev.sqrt(), (1 - a_prev).sqrt(), float(self.r0_eta), variance_noise
+            )
         prev = prev.to(sample.dtype)
         if not return_dict:
             return (prev, x0)
