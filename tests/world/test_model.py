@@ -156,9 +156,16 @@ def test_export_with_fp16_text_encoder_loads_as_fp32_and_matches(tmp_path):
 
     from selfnpo.world.pretrain.export import export_model
 
-    plain, half = tmp_path / "plain", tmp_path / "half"
-    export_model(shipped_model_dir(), plain)
-    export_model(shipped_model_dir(), half, text_fp16=True)
+    # a source whose text encoder is not already fp16-exact (the shipped one is)
+    src, plain, half = tmp_path / "src", tmp_path / "plain", tmp_path / "half"
+    pipe = StableDiffusionPipeline.from_pretrained(str(shipped_model_dir()))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.text_encoder.parameters():
+            p.add_(1e-4 * torch.randn(p.shape, generator=g))
+    pipe.save_pretrained(src)
+    export_model(src, plain)
+    export_model(src, half, text_fp16=True)
     stored = load_file(str(half / "text_encoder" / "model.safetensors"))
     assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
     size = lambda d: (d / "text_encoder" / "model.safetensors").stat().st_size  # noqa: E731
