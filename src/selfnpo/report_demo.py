@@ -155,13 +155,13 @@ def _verdict_lines(m: dict) -> list[str]:
     return lines
 
 
-# Measured once on the test split (BENCHMARKS.md section 8) for the defaults chosen on validation.
+# Measured once on the test split (BENCHMARKS.md section 9) for the defaults chosen on validation.
 SHIPPED_TEST_RESULT = (
-    "On the test split (512 prompts, 25 DDIM steps; BENCHMARKS.md section 8) these default settings, "
-    "chosen on validation, made no detectable difference to prompt following: reward -0.26 "
-    "[-0.74, +0.25] at g = 3 and +0.20 [-0.58, +1.05] at g = 5, strict alignment within 0.01 of the "
-    "base; images moved slightly closer to real renders at g = 5 (KID -0.014 [-0.021, -0.007]). On "
-    "this world model Self-NPO does not, on that evidence, improve prompt following."
+    "On the test split (512 prompts, 25 DDIM steps; BENCHMARKS.md section 9) these default settings, "
+    "chosen on validation, made no detectable difference to prompt following: reward -0.41 "
+    "[-1.06, +0.19] at g = 3 and -0.64 [-1.41, +0.18] at g = 5, strict alignment within 0.01 of the "
+    "base; images moved slightly closer to real renders (KID -0.0055 [-0.0112, -0.0007] at g = 3). "
+    "On this world model Self-NPO does not, on that evidence, improve prompt following."
 )
 
 
