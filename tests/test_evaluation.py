@@ -15,14 +15,9 @@ from PIL import Image
 from selfnpo.evaluation import page, plots
 from selfnpo.evaluation.page import Grid, Report, Table, grid_image, write_report
 from selfnpo.evaluation.plots import Plot, svg_line_plot
+from selfnpo.evaluation.realism import frechet_ci, frechet_distance, kid, kid_ci, kid_comparison, kid_diff_ci
 from selfnpo.evaluation.stats import (
     bootstrap_mean_ci,
-    frechet_ci,
-    frechet_distance,
-    kid,
-    kid_ci,
-    kid_comparison,
-    kid_diff_ci,
     mde_factor,
     min_detectable_diff,
     outcome,

@@ -76,6 +76,20 @@ def _first_line(e: Exception) -> str:
 
 
 @torch.no_grad()
+def _load_tmp_adapter(loader, net_name: str, unet: nn.Module, state, alphas, meta) -> None:
+    """Load a LoRA state dict into ``unet`` as the temporary adapter, the way its family's loader does."""
+    with _quiet("diffusers.loaders.peft"):  # it logs the whole error too; ours is one line
+        if net_name == "unet":
+            loader.load_lora_into_unet(
+                state, network_alphas=alphas, unet=unet, adapter_name=_TMP_ADAPTER, metadata=meta
+            )
+        else:
+            extra = {"network_alphas": alphas} if loader.__name__ == "FluxPipeline" else {}
+            loader.load_lora_into_transformer(
+                state, transformer=unet, adapter_name=_TMP_ADAPTER, metadata=meta, **extra
+            )
+
+
 def lora_delta(lora_file: str | Path, unet: nn.Module) -> dict[str, Tensor]:
     """The dense offset a diffusers LoRA applies at scale 1: ``{param name: scale * B @ A}`` (fp32, CPU).
 
@@ -100,16 +114,7 @@ def lora_delta(lora_file: str | Path, unet: nn.Module) -> dict[str, Tensor]:
     wanted = {k.split(".lora")[0] for k in state}  # one entry per LoRA-carrying module
     had_peft = bool(getattr(unet, "peft_config", None))
     try:
-        with _quiet("diffusers.loaders.peft"):  # it logs the whole error too; ours is one line
-            if net_name == "unet":
-                loader.load_lora_into_unet(
-                    state, network_alphas=alphas, unet=unet, adapter_name=_TMP_ADAPTER, metadata=meta
-                )
-            else:
-                extra = {"network_alphas": alphas} if loader.__name__ == "FluxPipeline" else {}
-                loader.load_lora_into_transformer(
-                    state, transformer=unet, adapter_name=_TMP_ADAPTER, metadata=meta, **extra
-                )
+        _load_tmp_adapter(loader, net_name, unet, state, alphas, meta)
         layers = {
             n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and _TMP_ADAPTER in m.scaling
         }

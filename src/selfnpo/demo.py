@@ -40,7 +40,9 @@ class DemoConfig:
         "lr 1e-3, 200 steps, beta 0.5) were chosen on the validation split (BENCHMARKS.md section 9)",
         choices=("full", "lora"),
     )
-    lr: float = opt(1e-3, "learning rate (chosen on validation with --train lora; about 1e-5 suits --train full)")
+    lr: float = opt(
+        1e-3, "learning rate (chosen on validation with --train lora; about 1e-5 suits --train full)"
+    )
     lora_rank: int = opt(8, "LoRA rank (with --train lora)")
     pool_size: int = opt(64, "self-generated pool size")
     split: str = opt(

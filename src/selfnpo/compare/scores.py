@@ -96,7 +96,7 @@ def world_frechet(cfg, folders: list[Path], rows: list[list[dict]], n_boot: int)
     import torch
     from PIL import Image
 
-    from ..evaluation.stats import frechet_ci
+    from ..evaluation.realism import frechet_ci
     from ..evaluation.world_eval import pca_basis, real_features
     from ..world.captions import caption
     from ..world.classifier import images_to_tensor, load_classifier

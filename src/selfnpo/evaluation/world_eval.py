@@ -207,7 +207,8 @@ def paired_metrics(s: Scores, base: Scores, real: np.ndarray, seed: int = 0, n_b
     prompt states them; ``{"n": 0}`` when none does), and ``"kid"``: :func:`kid_comparison` of
     the features against ``real`` (both mapped by :func:`kid_space`).
     """
-    from .stats import kid_comparison, paired_comparison
+    from .realism import kid_comparison
+    from .stats import paired_comparison
 
     out: dict[str, dict] = {}
     for key, _ in PAIRED_METRICS:
@@ -263,7 +264,8 @@ def summarise(s: Scores, real: np.ndarray, base: Scores | None, seed: int = 0) -
     """Means with bootstrap intervals, KID and Frechet distance to real renders (Frechet in the
     top-16 PCA space of the real features); with a ``base``: the paired comparisons
     (:func:`paired_metrics`), the verdict, and the reward and alignment win rates."""
-    from .stats import bootstrap_mean_ci, frechet_ci, kid_ci, win_rate
+    from .realism import frechet_ci, kid_ci
+    from .stats import bootstrap_mean_ci, win_rate
 
     basis, f = pca_basis(real), kid_space(real)
     out = {

@@ -171,17 +171,9 @@ def _train(
     cfg: TrainConfig, progress, source, pipe, prompts, run: Path, resuming: bool, cpu: bool, model=None
 ) -> RunResult:
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     acc = Accelerator(mixed_precision="no" if cpu else cfg.mixed_precision, cpu=cpu)
-    if model is None:
-        if pipe is None:
-            pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
-        model = model_for(pipe, resolution=cfg.resolution or None, frames=cfg.frames or None)
-    if cfg.resolution and cfg.resolution % model.vae_scale:
-        raise SelfNPOError(
-            f"--resolution {cfg.resolution} is not a multiple of this model's VAE factor {model.vae_scale}"
-        )
+    model = _model(cfg, acc, pipe, model)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     offset = TrainableOffset(model, cfg)
     opt = torch.optim.AdamW(offset.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -191,30 +183,60 @@ def _train(
     with acc.main_process_first():  # the main process builds the pool file, the others load it
         src = source or make_source(cfg, model, offset, prompts, run, progress and acc.is_main_process)
     model.warm_cache(getattr(src, "prompts", []))  # text encodings once per run, not per step
-    step = 0
-    state = load_latest(run) if resuming else None
-    if state is not None:
-        tensors, meta = state
-        offset.load_state_tensors(tensors)
-        optimizer_from_flat(opt, tensors, meta["optimizer"])
-        gen.set_state(tensors["rng"].to(torch.uint8))
-        step = int(meta["step"])
-        if acc.is_main_process:
-            _trim_log(run, step)
-    objective = get_objective(cfg.objective)
+    step = _resume(run, acc, offset, opt, gen) if resuming else 0
     reward = get_reward(cfg.reward, acc.device) if get_spec(cfg.objective).uses_reward else None
     shard = (acc.process_index, acc.num_processes)
     ctx = StepContext(
         model, offset.student, offset.teacher, cfg, gen, offset=offset, reward=reward, shard=shard
     )
-    t0, loss_val, nfe0 = time.perf_counter(), float("nan"), model.nfe
+    t0, nfe0 = time.perf_counter(), model.nfe
+    step, loss_val = _loop(cfg, acc, model, offset, opt, ctx, src, gen, step, run, progress)
+    wall = time.perf_counter() - t0
+    meta = {"objective": cfg.objective, "base_model": cfg.model, "steps": step, "train": cfg.train}
+    out = offset.save(run / "offset", meta) if acc.is_main_process else run / "offset"
+    if cfg.save_model and acc.is_main_process:
+        _save_model(model, offset, run / "model")
+    acc.wait_for_everyone()  # every process returns once the offset is written
+    return RunResult(run, out, step, wall, model.nfe - nfe0, loss_val)
+
+
+def _model(cfg: TrainConfig, acc, pipe, model) -> DiffusionModel:
+    """The denoiser adapter: the one given, or one for ``pipe`` / ``cfg.model``."""
+    if model is None:
+        if pipe is None:
+            pipe = load_pipeline(cfg.model, device=str(acc.device), dtype="fp32")
+        model = model_for(pipe, resolution=cfg.resolution or None, frames=cfg.frames or None)
+    if cfg.resolution and cfg.resolution % model.vae_scale:
+        raise SelfNPOError(
+            f"--resolution {cfg.resolution} is not a multiple of this model's VAE factor {model.vae_scale}"
+        )
+    return model
+
+
+def _resume(run: Path, acc, offset: TrainableOffset, opt, gen: torch.Generator) -> int:
+    """Restore the newest checkpoint of ``run`` (offset, optimiser, generator); its step (0: none)."""
+    state = load_latest(run)
+    if state is None:
+        return 0
+    tensors, meta = state
+    offset.load_state_tensors(tensors)
+    optimizer_from_flat(opt, tensors, meta["optimizer"])
+    gen.set_state(tensors["rng"].to(torch.uint8))
+    step = int(meta["step"])
+    if acc.is_main_process:
+        _trim_log(run, step)
+    return step
+
+
+def _loop(cfg, acc, model, offset, opt, ctx, src, gen, step: int, run: Path, progress) -> tuple[int, float]:
+    """Optimiser steps from ``step`` to ``cfg.steps`` with logging and checkpoints; (steps, last loss)."""
+    from tqdm.auto import tqdm
+
+    objective = get_objective(cfg.objective)
     bar = tqdm(
-        total=cfg.steps,
-        initial=step,
-        desc=cfg.objective,
-        disable=not (progress and acc.is_main_process),
+        total=cfg.steps, initial=step, desc=cfg.objective, disable=not (progress and acc.is_main_process)
     )
-    first, skipped = step, 0
+    t0, loss_val, first, skipped = time.perf_counter(), float("nan"), step, 0
     while step < cfg.steps:
         loss_val = _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run)
         skipped += loss_val != loss_val  # NaN: a step skipped by --nonfinite skip
@@ -222,10 +244,7 @@ def _train(
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.4g}")
         if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
-            _log_line(
-                run,
-                {"step": step, "loss": loss_val, "lr": cfg.lr, "time_s": time.perf_counter() - t0},
-            )
+            _log_line(run, {"step": step, "loss": loss_val, "lr": cfg.lr, "time_s": time.perf_counter() - t0})
         if acc.is_main_process and (
             step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         ):
@@ -236,13 +255,7 @@ def _train(
             f"all {step} steps had a non-finite loss or gradient and were skipped (--nonfinite skip); "
             "the offset is untrained and was not written"
         )
-    wall = time.perf_counter() - t0
-    meta = {"objective": cfg.objective, "base_model": cfg.model, "steps": step, "train": cfg.train}
-    out = offset.save(run / "offset", meta) if acc.is_main_process else run / "offset"
-    if cfg.save_model and acc.is_main_process:
-        _save_model(model, offset, run / "model")
-    acc.wait_for_everyone()  # every process returns once the offset is written
-    return RunResult(run, out, step, wall, model.nfe - nfe0, loss_val)
+    return step, loss_val
 
 
 def _one_step(cfg, acc, model, offset, opt, objective, ctx, src, gen, step, run) -> float:
