@@ -27,7 +27,8 @@ KW = dict(resolution=RES, frames=FRAMES, grid_steps=5, k_steps=2)
 
 @pytest.fixture(scope="module")
 def tiny_cog(tmp_path_factory):
-    from selfnpo.models.tiny import build_tiny_cogvideox_pipeline, write_tiny_vocab
+    from selfnpo.models.tiny import write_tiny_vocab
+    from selfnpo.models.tiny_transformers import build_tiny_cogvideox_pipeline
 
     root = tmp_path_factory.mktemp("cogvideox")
     build_tiny_cogvideox_pipeline(write_tiny_vocab(root / "tokenizer")).save_pretrained(root / "cog")
@@ -171,7 +172,8 @@ def test_saved_lora_reproduces_the_negative_half_in_plain_diffusers(tiny_cog, co
 def test_an_offset_of_another_family_is_a_one_line_error(tiny_cog, cog_lora, tiny_sd, sd_lora, tmp_path):
     from pathlib import Path
 
-    from selfnpo.models.tiny import build_tiny_wan_pipeline, write_tiny_vocab
+    from selfnpo.models.tiny import write_tiny_vocab
+    from selfnpo.models.tiny_transformers import build_tiny_wan_pipeline
 
     wan = build_tiny_wan_pipeline(write_tiny_vocab(tmp_path / "tok"))
     foreign = tmp_path / "foreign"  # no selfnpo metadata: caught by the layers it names

@@ -28,7 +28,8 @@ RES = 16  # 16 x 16 images -> 8 x 8 latents -> 16 packed tokens
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory):
-    from selfnpo.models.tiny import build_tiny_flux_pipeline, write_tiny_vocab
+    from selfnpo.models.tiny import write_tiny_vocab
+    from selfnpo.models.tiny_transformers import build_tiny_flux_pipeline
 
     root = tmp_path_factory.mktemp("flux")
     tok = write_tiny_vocab(root / "tokenizer")

@@ -23,7 +23,8 @@ from selfnpo.training.offset import STUDENT, TEACHER
 
 @pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory):
-    from selfnpo.models.tiny import build_tiny_sd3_pipeline, write_tiny_vocab
+    from selfnpo.models.tiny import write_tiny_vocab
+    from selfnpo.models.tiny_transformers import build_tiny_sd3_pipeline
 
     root = tmp_path_factory.mktemp("sd3")
     build_tiny_sd3_pipeline(write_tiny_vocab(root / "tokenizer")).save_pretrained(root / "sd3")

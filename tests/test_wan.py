@@ -27,7 +27,8 @@ KW = dict(resolution=RES, frames=FRAMES, grid_steps=5, k_steps=2)
 
 @pytest.fixture(scope="module")
 def tiny_wan(tmp_path_factory):
-    from selfnpo.models.tiny import build_tiny_wan_pipeline, write_tiny_vocab
+    from selfnpo.models.tiny import write_tiny_vocab
+    from selfnpo.models.tiny_transformers import build_tiny_wan_pipeline
 
     root = tmp_path_factory.mktemp("wan")
     tok = write_tiny_vocab(root / "tokenizer")
@@ -169,7 +170,8 @@ def test_saved_lora_reproduces_the_negative_call_in_plain_diffusers(tiny_wan, wa
 def test_other_families_and_two_expert_wan_are_one_line_errors(
     tiny_wan, wan_lora, tiny_sd, sd_lora, tmp_path
 ):
-    from selfnpo.models.tiny import build_tiny_flux_pipeline, write_tiny_vocab
+    from selfnpo.models.tiny import write_tiny_vocab
+    from selfnpo.models.tiny_transformers import build_tiny_flux_pipeline
 
     wan22 = str(Path(tiny_wan).parent / "wan22")
     flux = build_tiny_flux_pipeline(write_tiny_vocab(tmp_path / "tok"))

@@ -16,13 +16,13 @@ FAMILIES = ("sd", "sdxl", "sd_v", "sd3", "flux", "wan", "cogvideox")
 
 
 def _build(family: str, tok):
-    from selfnpo.models import tiny
+    from selfnpo.models import tiny, tiny_transformers
 
     if family in ("sd", "sdxl"):
         return tiny.build_tiny_pipeline(family, tok)
     if family == "sd_v":
         return tiny.build_tiny_pipeline("sd", tok, prediction_type="v_prediction", seed=5)
-    return getattr(tiny, f"build_tiny_{family}_pipeline")(tok)
+    return getattr(tiny_transformers, f"build_tiny_{family}_pipeline")(tok)
 
 
 @pytest.fixture(scope="module")
