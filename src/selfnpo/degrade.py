@@ -11,7 +11,6 @@ training loop's, so runs stay reproducible and resumable.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import SelfNPOError
+from .options import import_attr
 
 Degrader = Callable[[str, torch.Generator], str]
 DEGRADERS: dict[str, Callable[[], Degrader]] = {}
@@ -106,14 +106,7 @@ def get_degrader(spec: str) -> Degrader:
     if spec.endswith((".jsonl", ".tsv")):
         return rewrites_from_file(spec)
     if ":" in spec:
-        mod, _, attr = spec.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise SelfNPOError(f"cannot import degrader {spec!r} ({type(e).__name__})") from None
-        if not callable(fn):
-            raise SelfNPOError(f"degrader {spec!r} is not callable")
-        return fn
+        return import_attr(spec, "degrader")
     known = ", ".join(sorted(DEGRADERS))
     raise SelfNPOError(
         f"unknown degrader {spec!r}; use {known}, a .jsonl/.tsv rewrite file or module:function"

@@ -33,3 +33,18 @@ def check_finite(cfg) -> None:
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise SelfNPOError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+
+
+def import_attr(spec: str, what: str):
+    """The callable named by ``package.module:attr`` (a reward, a degrader, ...); a one-line
+    :class:`SelfNPOError` naming ``what`` when it cannot be imported or is not callable."""
+    import importlib
+
+    mod, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise SelfNPOError(f"cannot import {what} {spec!r} ({type(e).__name__})") from None
+    if not callable(obj):
+        raise SelfNPOError(f"{what} {spec!r} is not callable")
+    return obj

@@ -112,9 +112,10 @@ def ddim_step(x0: Tensor, eps: Tensor, alpha_next: Tensor, sigma_next: Tensor) -
     """Deterministic DDIM update to the next level: ``x_next = alpha' * x0 + sigma' * eps``.
 
     On a flow path (``alpha = 1 - sigma``) this is exactly the Euler step of the velocity ODE,
-    ``x_next = x_t + (sigma' - sigma) * v``, so one rollout serves both kinds of schedule.
+    ``x_next = x_t + (sigma' - sigma) * v``, so one rollout serves both kinds of schedule. It is
+    the forward noising of the estimate ``x0`` with the estimated noise ``eps``.
     """
-    return alpha_next * x0 + sigma_next * eps
+    return forward_noise(x0, eps, alpha_next, sigma_next)
 
 
 def ddim_step_eta(

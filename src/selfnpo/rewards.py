@@ -13,7 +13,6 @@ Diffusion-NPO trains a negative model with any reward method by using ``R_NPO = 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Protocol
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .errors import SelfNPOError
+from .options import import_attr
 
 
 class Reward(Protocol):
@@ -48,17 +48,6 @@ def _published() -> dict:
     return {ep.name: ep for ep in entry_points(group="selfnpo.rewards")}
 
 
-def _import_attr(spec: str) -> RewardFactory:
-    mod, _, attr = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise SelfNPOError(f"cannot import reward {spec!r} ({type(e).__name__})") from None
-    if not callable(factory):
-        raise SelfNPOError(f"reward {spec!r} is not callable")
-    return factory
-
-
 def reward_factory(name: str) -> RewardFactory:
     """The factory of reward ``name``: registered, published as an entry point, or ``module:attr``;
     a one-line :class:`SelfNPOError` for a name that is none of these."""
@@ -67,7 +56,7 @@ def reward_factory(name: str) -> RewardFactory:
     if name in (published := _published()):
         return published[name].load()
     if ":" in name:
-        return _import_attr(name)
+        return import_attr(name, "reward")
     known = ", ".join(sorted({*REWARDS, *published}))
     raise SelfNPOError(f"unknown reward {name!r}; known: {known}, or module:attr")
 
