@@ -37,6 +37,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def base_levels(rows: list[dict]) -> str:
+    """The base model's mean reward and strict alignment at each g (a setting's mean minus its
+    paired difference: the same prompts and seeds)."""
+    out = []
+    for g in sorted({r["guidance_scale"] for r in rows}):
+        r = next(r for r in rows if r["guidance_scale"] == g)
+        reward = r["reward"][0] - r["paired"]["reward"]["diff"][0]
+        aligned = r["alignment"][0] - r["paired"]["alignment"]["diff"][0]
+        out.append(f"base at g = {g:g}: reward {reward:.2f}, strict alignment {aligned:.3f} (n = {r['n']})")
+    return "\n".join(out)
+
+
 PEERS = ("autoguidance",)
 
 
@@ -61,6 +73,8 @@ def main() -> None:
     results = json.loads((Path(a.output) / a.split / "results.json").read_text())
     rows = [r for c in results.values() for r in c["rows"]]
     print(table(rows))
+    print()
+    print(base_levels(rows))
     if a.split == "validation":
         # peers (autoguidance) are measured beside the offsets but are not candidates of the rule
         candidates = [r for r in rows if r["config"] not in PEERS]
